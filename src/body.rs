@@ -1,0 +1,126 @@
+//! The response body tidegate sends a client: a local answer, or the backend's body streamed
+//! frame by frame. The upstream body carries the backend's live-count guard, returns the
+//! keep-alive connection to its pool once the body ended cleanly, and writes the access-log
+//! line when it is dropped (end of stream, client gone, or error alike).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::access::AccessLog;
+use crate::connection::ConnPhase;
+use crate::runtime::ConnGuard;
+use crate::upstream::Sender;
+
+pub struct ProxyBody {
+    kind: Kind,
+    /// Tells the client connection it is idle again once this body is done.
+    phase: Option<Arc<ConnPhase>>,
+}
+
+enum Kind {
+    Local(Option<Bytes>),
+    Upstream(Box<UpstreamBody>),
+}
+
+struct UpstreamBody {
+    inner: Incoming,
+    /// The connection the body came on, returned to the pool at a clean end of stream.
+    conn: Option<(Sender, usize)>,
+    guard: ConnGuard,
+    log: Option<AccessLog>,
+    sent: u64,
+    complete: bool,
+}
+
+impl UpstreamBody {
+    fn finish(&mut self) {
+        self.complete = true;
+        if let Some((sender, max_idle)) = self.conn.take() {
+            self.guard.backend().pool.put(sender, max_idle);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.emit_response(self.sent, self.complete);
+        }
+    }
+}
+
+impl ProxyBody {
+    pub fn local(bytes: impl Into<Bytes>, phase: Option<Arc<ConnPhase>>) -> Self {
+        let b: Bytes = bytes.into();
+        Self { kind: Kind::Local(if b.is_empty() { None } else { Some(b) }), phase }
+    }
+
+    pub fn upstream(
+        inner: Incoming,
+        conn: Option<(Sender, usize)>,
+        guard: ConnGuard,
+        log: Option<AccessLog>,
+        phase: Option<Arc<ConnPhase>>,
+    ) -> Self {
+        let mut body = UpstreamBody { inner, conn, guard, log, sent: 0, complete: false };
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        Self { kind: Kind::Upstream(Box::new(body)), phase }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(phase) = self.phase.take() {
+            phase.set_idle();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.kind {
+            Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(u) => {
+                let res = Pin::new(&mut u.inner).poll_frame(cx);
+                match &res {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            u.sent += d.len() as u64;
+                        }
+                        if u.inner.is_end_stream() {
+                            u.finish();
+                        }
+                    }
+                    Poll::Ready(None) => u.finish(),
+                    Poll::Ready(Some(Err(_))) => u.conn = None,
+                    Poll::Pending => {}
+                }
+                res
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Local(b) => b.is_none(),
+            Kind::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The config file as written: raw serde structs, used only by `validate.rs`.
+//!
+//! Field order matters: serde's unknown-key message lists fields in declaration order,
+//! and `validate.rs` names the table from the first one.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub shutdown_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub listener: Vec<Spanned<FileListener>>,
+    /// Keyed by name; file order is recovered from the key spans.
+    #[serde(default)]
+    pub upstream: BTreeMap<Spanned<String>, FileUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileListener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+    pub mode: Option<Spanned<String>>,
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub timeouts: Option<FileListenerTimeouts>,
+    #[serde(default)]
+    pub route: Vec<Spanned<FileRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileListenerTimeouts {
+    pub header_read: Option<Spanned<String>>,
+    pub keepalive_idle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRoute {
+    pub host: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub upstream: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstream {
+    pub balance: Option<Spanned<String>>,
+    pub keepalive: Option<Spanned<i64>>,
+    pub tries: Option<Spanned<i64>>,
+    pub servers: Option<Spanned<Vec<Spanned<FileServer>>>>,
+    pub timeouts: Option<FileUpstreamTimeouts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstreamTimeouts {
+    pub connect: Option<Spanned<String>>,
+    pub response_header: Option<Spanned<String>>,
+    pub tunnel_idle: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileServer {
+    pub addr: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Spanned<String>>,
+    pub backup: Option<bool>,
+    pub down: Option<bool>,
+    pub max_conns: Option<Spanned<i64>>,
+}

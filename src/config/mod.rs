@@ -1,0 +1,183 @@
+//! Configuration: the raw TOML file (`file.rs`) is parsed and validated (`validate.rs`)
+//! into the types below. Nothing outside this module sees the raw `File*` types, and
+//! nothing here panics: the same code runs on `tidegate check`, at start and on reload.
+
+mod cidr;
+mod duration;
+mod file;
+mod summary;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use cidr::Cidr;
+pub use duration::parse_duration;
+pub use summary::summary;
+
+/// Loads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError { file: path.to_path_buf(), line: 0, col: 0, message: format!("cannot read config file: {e}") }])
+    })?;
+    load_str(&text, path)
+}
+
+/// Validates config text; `path` is only used in messages and to resolve relative paths.
+pub fn load_str(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    validate::validate(text, path)
+}
+
+/// The validated configuration: every reference resolved, every value in range.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from (for messages and reload).
+    pub source: PathBuf,
+    /// Grace period for in-flight requests and tunnels on SIGTERM/SIGINT (`shutdown_timeout`, default 30s).
+    pub shutdown_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    /// In file order; routes refer to them by index.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+impl Config {
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub mode: ListenerMode,
+    /// First match wins.
+    pub routes: Vec<RouteConfig>,
+    pub timeouts: ListenerTimeouts,
+    /// Peers whose `X-Forwarded-For` is appended to rather than replaced.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerTimeouts {
+    /// Whole request head must arrive within this (slowloris). Default 10s.
+    pub header_read: Duration,
+    /// Idle keep-alive connection is closed after this. Default 60s.
+    pub keepalive_idle: Duration,
+}
+
+impl Default for ListenerTimeouts {
+    fn default() -> Self {
+        Self { header_read: Duration::from_secs(10), keepalive_idle: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Lower-cased exact name.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches exactly one more label.
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    pub path_prefix: Option<String>,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerConfig>,
+    pub timeouts: UpstreamTimeouts,
+    /// Idle keep-alive connections kept per server (`keepalive`, default 32; 0 disables pooling).
+    pub keepalive: usize,
+    /// How many servers one request may try on connect failure (`tries`; 0, the default, means every server once).
+    pub tries: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTimeouts {
+    /// TCP connect to a server. Default 5s.
+    pub connect: Duration,
+    /// From request sent to response head received. Default 60s.
+    pub response_header: Duration,
+    /// A tunnel with no byte in either direction for this long is closed. Default 1h.
+    pub tunnel_idle: Duration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self { connect: Duration::from_secs(5), response_header: Duration::from_secs(60), tunnel_idle: Duration::from_secs(3600) }
+    }
+}
+
+/// One `server` of an upstream; names and defaults follow nginx's `server` directive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    /// Default 1.
+    pub weight: NonZeroU32,
+    /// Failures within `fail_timeout` that make the server unavailable; 0 disables. Default 1.
+    pub max_fails: u32,
+    /// Default 10s.
+    pub fail_timeout: Duration,
+    pub backup: bool,
+    pub down: bool,
+    /// 0 = unlimited.
+    pub max_conns: u32,
+}
+
+/// One problem in a config file, located as `FILE:LINE:COL` (1-based; 0 when unknown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        }
+    }
+}
+
+/// Every problem found in one file (validation does not stop at the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

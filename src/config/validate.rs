@@ -1,0 +1,965 @@
+//! Turns config text into a [`Config`], collecting every problem with its location.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::file::{FileConfig, FileListener, FileListenerTimeouts, FileRoute, FileServer, FileUpstream, FileUpstreamTimeouts};
+use super::{
+    Balance, Cidr, Config, ConfigError, ConfigErrors, HostMatch, ListenerConfig, ListenerMode, ListenerTimeouts, RouteConfig, ServerConfig,
+    UpstreamConfig, UpstreamTimeouts, parse_duration,
+};
+
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_KEEPALIVE: usize = 32;
+const DEFAULT_MAX_FAILS: u32 = 1;
+const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Parses and validates `text`; `path` is only used in messages.
+pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx { text, path, errors: Vec::new() };
+    let file: FileConfig = match toml::from_str(text) {
+        Ok(file) => file,
+        Err(e) => {
+            cx.error(e.span().map(|s| s.start), rewrite_serde_message(e.message()));
+            return Err(cx.finish());
+        }
+    };
+    let config = cx.config(file);
+    if cx.errors.is_empty() { Ok(config) } else { Err(cx.finish()) }
+}
+
+/// Collects errors as (byte offset, message); `None` means "no location".
+struct Ctx<'a> {
+    text: &'a str,
+    path: &'a Path,
+    errors: Vec<(Option<usize>, String)>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, offset: Option<usize>, message: impl Into<String>) {
+        self.errors.push((offset, message.into()));
+    }
+
+    fn error_at<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        self.error(Some(at.span().start), message);
+    }
+
+    fn line_of<T>(&self, at: &Spanned<T>) -> usize {
+        line_col(self.text, at.span().start).0
+    }
+
+    fn finish(self) -> ConfigErrors {
+        let mut errors: Vec<ConfigError> = self
+            .errors
+            .into_iter()
+            .map(|(offset, message)| {
+                let (line, col) = offset.map_or((0, 0), |o| line_col(self.text, o));
+                ConfigError { file: self.path.to_path_buf(), line, col, message }
+            })
+            .collect();
+        errors.sort_by_key(|e| (e.line, e.col));
+        ConfigErrors(errors)
+    }
+
+    fn config(&mut self, file: FileConfig) -> Config {
+        let FileConfig { shutdown_timeout, listener, upstream } = file;
+        let shutdown_timeout = self.duration(shutdown_timeout.as_ref(), "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT);
+
+        // Upstreams first (in file order) so routes can refer to them by index.
+        let mut upstream: Vec<(Spanned<String>, FileUpstream)> = upstream.into_iter().collect();
+        upstream.sort_by_key(|(name, _)| name.span().start);
+        let names: Vec<String> = upstream.iter().map(|(n, _)| n.get_ref().clone()).collect();
+        let upstreams: Vec<UpstreamConfig> = upstream.into_iter().map(|(name, u)| self.upstream(name, u)).collect();
+
+        if listener.is_empty() {
+            self.error(None, "no [[listener]] defined; at least one listener is required");
+        }
+        let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(listener.len());
+        // (name, line) and (bind, listener name, line) seen so far, for duplicate checks.
+        let mut seen_names: Vec<(String, usize)> = Vec::new();
+        let mut seen_binds: Vec<(SocketAddr, String, usize)> = Vec::new();
+        for l in listener {
+            let line = self.line_of(&l);
+            let l = self.listener(l, line, &names, &mut seen_names, &mut seen_binds);
+            listeners.push(l);
+        }
+        Config { source: self.path.to_path_buf(), shutdown_timeout, listeners, upstreams }
+    }
+
+    fn listener(
+        &mut self,
+        l: Spanned<FileListener>,
+        header_line: usize,
+        upstream_names: &[String],
+        seen_names: &mut Vec<(String, usize)>,
+        seen_binds: &mut Vec<(SocketAddr, String, usize)>,
+    ) -> ListenerConfig {
+        let header = l.span().start;
+        let FileListener { name, bind, mode, trusted_proxies, timeouts, route } = l.into_inner();
+
+        if name.get_ref().trim().is_empty() {
+            self.error_at(&name, "listener name must not be empty");
+        } else if let Some((_, line)) = seen_names.iter().find(|(n, _)| n == name.get_ref()) {
+            let msg = format!("duplicate listener name {:?} (first defined on line {line})", name.get_ref());
+            self.error_at(&name, msg);
+        } else {
+            seen_names.push((name.get_ref().clone(), self.line_of(&name)));
+        }
+
+        let bind_addr = match socket_addr(bind.get_ref(), false) {
+            Ok(a) => a,
+            Err(e) => {
+                self.error_at(&bind, e);
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+        };
+        if bind_addr.port() != 0 {
+            let clash = seen_binds.iter().find(|(b, _, _)| {
+                b.port() == bind_addr.port()
+                    && (*b == bind_addr
+                        || (b.is_ipv4() == bind_addr.is_ipv4() && (b.ip().is_unspecified() || bind_addr.ip().is_unspecified())))
+            });
+            if let Some((other, other_name, line)) = clash {
+                let msg = if *other == bind_addr {
+                    format!(
+                        "duplicate bind {bind_addr}: already used by listener {other_name:?} (line {line}); each listener needs its own IP:PORT"
+                    )
+                } else {
+                    format!(
+                        "bind {bind_addr} overlaps {other} of listener {other_name:?} (line {line}); each listener needs its own IP:PORT"
+                    )
+                };
+                self.error_at(&bind, msg);
+            }
+            seen_binds.push((bind_addr, name.get_ref().clone(), self.line_of(&bind)));
+        }
+
+        let mode = match mode {
+            None => ListenerMode::Http,
+            Some(m) => match m.get_ref().as_str() {
+                "http" => ListenerMode::Http,
+                "tcp" => {
+                    self.error_at(&m, r#"mode "tcp" is not supported yet; expected "http""#);
+                    ListenerMode::Http
+                }
+                other => {
+                    self.error_at(&m, format!(r#"unknown mode {other:?}; expected "http""#));
+                    ListenerMode::Http
+                }
+            },
+        };
+
+        let mut proxies = Vec::new();
+        for p in trusted_proxies.unwrap_or_default() {
+            match p.get_ref().parse::<Cidr>() {
+                Ok(c) => proxies.push(c),
+                Err(e) => self.error_at(&p, e),
+            }
+        }
+
+        let timeouts = match timeouts {
+            None => ListenerTimeouts::default(),
+            Some(t) => {
+                let FileListenerTimeouts { header_read, keepalive_idle } = t;
+                let d = ListenerTimeouts::default();
+                ListenerTimeouts {
+                    header_read: self.duration(header_read.as_ref(), "header_read", d.header_read),
+                    keepalive_idle: self.duration(keepalive_idle.as_ref(), "keepalive_idle", d.keepalive_idle),
+                }
+            }
+        };
+
+        if route.is_empty() {
+            let msg = format!(
+                "listener {:?} (line {header_line}) has no routes; add at least one [[listener.route]] with an upstream",
+                name.get_ref()
+            );
+            self.error(Some(header), msg);
+        }
+        let routes = route.into_iter().map(|r| self.route(r.into_inner(), upstream_names)).collect();
+
+        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies }
+    }
+
+    fn route(&mut self, r: FileRoute, upstream_names: &[String]) -> RouteConfig {
+        let FileRoute { host, path_prefix, upstream } = r;
+        let host = host.and_then(|h| match parse_host(h.get_ref()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.error_at(&h, e);
+                None
+            }
+        });
+        if let Some(p) = &path_prefix
+            && let Err(e) = check_path_prefix(p.get_ref())
+        {
+            self.error_at(p, e);
+        }
+        let index = match upstream_names.iter().position(|n| n == upstream.get_ref()) {
+            Some(i) => i,
+            None => {
+                let msg = if upstream_names.is_empty() {
+                    format!(
+                        "unknown upstream {:?}; no upstreams are defined (add an [upstream.{}] table)",
+                        upstream.get_ref(),
+                        upstream.get_ref()
+                    )
+                } else {
+                    format!("unknown upstream {:?}; defined upstreams: {}", upstream.get_ref(), upstream_names.join(", "))
+                };
+                self.error_at(&upstream, msg);
+                0
+            }
+        };
+        RouteConfig { host, path_prefix: path_prefix.map(Spanned::into_inner), upstream: index }
+    }
+
+    fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
+        let FileUpstream { balance, keepalive, tries, servers, timeouts } = u;
+        let n = name.get_ref();
+        if n.is_empty() {
+            self.error_at(&name, "upstream name must not be empty; expected letters, digits, '_', '.' or '-'");
+        } else if let Some(c) = n.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+            let msg = format!("invalid upstream name {n:?}: character {c:?} is not allowed; expected letters, digits, '_', '.' or '-'");
+            self.error_at(&name, msg);
+        }
+
+        let balance = match balance {
+            None => Balance::RoundRobin,
+            Some(b) => {
+                if b.get_ref() != "round_robin" {
+                    let msg = format!("unknown balance {:?}; expected one of: round_robin", b.get_ref());
+                    self.error_at(&b, msg);
+                }
+                Balance::RoundRobin
+            }
+        };
+        let keepalive = keepalive
+            .and_then(|k| self.int(&k, "keepalive", 0, usize::MAX as u64))
+            .map_or(DEFAULT_KEEPALIVE, |k| usize::try_from(k).unwrap_or(DEFAULT_KEEPALIVE));
+        let tries = tries.and_then(|t| self.int(&t, "tries", 0, usize::MAX as u64)).map_or(0, |t| usize::try_from(t).unwrap_or(0));
+
+        let timeouts = match timeouts {
+            None => UpstreamTimeouts::default(),
+            Some(t) => {
+                let FileUpstreamTimeouts { connect, response_header, tunnel_idle } = t;
+                let d = UpstreamTimeouts::default();
+                UpstreamTimeouts {
+                    connect: self.duration(connect.as_ref(), "connect", d.connect),
+                    response_header: self.duration(response_header.as_ref(), "response_header", d.response_header),
+                    tunnel_idle: self.duration(tunnel_idle.as_ref(), "tunnel_idle", d.tunnel_idle),
+                }
+            }
+        };
+
+        let mut out: Vec<ServerConfig> = Vec::new();
+        match servers {
+            Some(s) if !s.get_ref().is_empty() => {
+                let list = s.into_inner();
+                if list.iter().all(|s| s.get_ref().down == Some(true)) {
+                    let msg = format!("upstream {n:?}: all servers are down; at least one must be up");
+                    self.error_at(&name, msg);
+                } else if list.iter().all(|s| s.get_ref().backup == Some(true)) {
+                    let msg = format!("upstream {n:?} has no primary server: every server is backup; at least one must not be");
+                    self.error_at(&name, msg);
+                }
+                let mut seen: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+                for s in list {
+                    if let Some(server) = self.server(s.into_inner(), &mut seen) {
+                        out.push(server);
+                    }
+                }
+            }
+            Some(s) => {
+                let msg = format!(r#"upstream {n:?} has no servers; expected e.g. servers = [{{ addr = "127.0.0.1:9000" }}]"#);
+                self.error_at(&s, msg);
+            }
+            None => {
+                let msg = format!(r#"upstream {n:?} has no servers; expected e.g. servers = [{{ addr = "127.0.0.1:9000" }}]"#);
+                self.error_at(&name, msg);
+            }
+        }
+
+        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries }
+    }
+
+    fn server(&mut self, s: FileServer, seen: &mut BTreeMap<SocketAddr, usize>) -> Option<ServerConfig> {
+        let FileServer { addr, weight, max_fails, fail_timeout, backup, down, max_conns } = s;
+        let sock = match socket_addr(addr.get_ref(), true) {
+            Ok(a) if a.port() == 0 => {
+                let msg =
+                    format!("invalid address {:?}: port 0 is not allowed for a server; expected a port from 1 to 65535", addr.get_ref());
+                self.error_at(&addr, msg);
+                None
+            }
+            Ok(a) => {
+                let line = self.line_of(&addr);
+                if let Some(first) = seen.get(&a) {
+                    let msg = format!("duplicate server {:?} ({a}) in this upstream (first on line {first})", addr.get_ref());
+                    self.error_at(&addr, msg);
+                } else {
+                    seen.insert(a, line);
+                }
+                Some(a)
+            }
+            Err(e) => {
+                self.error_at(&addr, e);
+                None
+            }
+        };
+        let weight = match &weight {
+            None => NonZeroU32::MIN,
+            Some(w) if *w.get_ref() < 1 => {
+                self.error_at(w, format!("weight must be at least 1, got {}", w.get_ref()));
+                NonZeroU32::MIN
+            }
+            Some(w) => self
+                .int(w, "weight", 1, u32::MAX.into())
+                .and_then(|w| u32::try_from(w).ok())
+                .and_then(NonZeroU32::new)
+                .unwrap_or(NonZeroU32::MIN),
+        };
+        let max_fails = max_fails
+            .and_then(|m| self.int(&m, "max_fails", 0, u32::MAX.into()))
+            .map_or(DEFAULT_MAX_FAILS, |m| u32::try_from(m).unwrap_or(DEFAULT_MAX_FAILS));
+        let fail_timeout = self.duration(fail_timeout.as_ref(), "fail_timeout", DEFAULT_FAIL_TIMEOUT);
+        let max_conns = max_conns.and_then(|m| self.int(&m, "max_conns", 0, u32::MAX.into())).map_or(0, |m| u32::try_from(m).unwrap_or(0));
+        Some(ServerConfig {
+            addr: sock?,
+            weight,
+            max_fails,
+            fail_timeout,
+            backup: backup.unwrap_or(false),
+            down: down.unwrap_or(false),
+            max_conns,
+        })
+    }
+
+    /// An integer key that must lie in `min..=max`.
+    fn int(&mut self, v: &Spanned<i64>, key: &str, min: u64, max: u64) -> Option<u64> {
+        let n = *v.get_ref();
+        match u64::try_from(n) {
+            Ok(u) if (min..=max).contains(&u) => Some(u),
+            _ => {
+                let msg = if min == 0 && n < 0 {
+                    format!("{key} must be 0 or more, got {n}")
+                } else {
+                    format!("{key} must be between {min} and {max}, got {n}")
+                };
+                self.error_at(v, msg);
+                None
+            }
+        }
+    }
+
+    /// A duration key (must be > 0); `default` when absent or invalid.
+    fn duration(&mut self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.error_at(v, format!("{key} must be greater than 0, got {:?}", v.get_ref()));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error_at(v, e);
+                default
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = text.get(..offset).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before.get(line_start..).unwrap_or_default().chars().count() + 1;
+    (line, col)
+}
+
+/// Makes serde's messages speak TOML: keys rather than fields, and name the table.
+fn rewrite_serde_message(msg: &str) -> String {
+    let msg = msg.trim_end();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let Some((key, expected)) = rest.split_once('`') else {
+            return msg.to_string();
+        };
+        // "expected one of `a`, `b`" / "expected `a`" / "there are no fields"
+        let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let table = match fields.first().copied() {
+            Some("shutdown_timeout") => "at top level",
+            Some("name") => "in [[listener]]",
+            Some("header_read") => "in listener timeouts",
+            Some("host") => "in [[listener.route]]",
+            Some("balance") => "in upstream",
+            Some("connect") => "in upstream timeouts",
+            Some("addr") => "in server",
+            _ => "here",
+        };
+        return if fields.is_empty() {
+            format!("unknown key {key:?} {table}; no keys are allowed here")
+        } else {
+            format!("unknown key {key:?} {table}; expected one of: {}", fields.join(", "))
+        };
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `")
+        && let Some(key) = rest.strip_suffix('`')
+    {
+        return format!("missing required key {key:?}");
+    }
+    // Serde's Rust type names, in TOML terms.
+    let mut msg = msg.to_string();
+    for (rust, toml) in
+        [("expected i64", "expected an integer"), ("expected a sequence", "expected an array"), ("expected a map", "expected a table")]
+    {
+        msg = msg.replace(rust, toml);
+    }
+    // "expected struct FileServer" -> "expected a table"
+    if let Some((head, rest)) = msg.split_once("expected struct ") {
+        let tail = rest.trim_start_matches(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        msg = format!("{head}expected a table{tail}");
+    }
+    msg
+}
+
+/// Route `host`: exact or `*.example.com`, lower-cased, no port/path/spaces.
+fn parse_host(raw: &str) -> Result<HostMatch, String> {
+    const EXPECTED: &str = r#"expected a host name like "chat.example.com" or "*.example.com""#;
+    let bad = |why: &str| format!("invalid host {raw:?}: {why}; {EXPECTED}");
+    if raw.is_empty() {
+        return Err(bad("empty (leave host out to match any host)"));
+    }
+    if raw.chars().any(char::is_whitespace) {
+        return Err(bad("must not contain spaces"));
+    }
+    if raw.contains('/') {
+        return Err(bad("must not contain a path (use path_prefix)"));
+    }
+    let h = raw.to_ascii_lowercase();
+    if let Some(inner) = h.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+        return match inner.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) => Ok(HostMatch::Exact(format!("[{ip}]"))),
+            Err(_) => Err(bad("not a valid IPv6 address")),
+        };
+    }
+    if h.contains(':') {
+        return Err(bad("must not contain a port"));
+    }
+    let (wildcard, name) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h.as_str()),
+    };
+    if name.contains('*') || (h.contains('*') && !wildcard) {
+        return Err(bad(r#"a wildcard is only allowed as the whole first label, as in "*.example.com""#));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(bad(&format!("character {c:?} is not allowed (use punycode for international names)")));
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return Err(bad("empty label"));
+    }
+    Ok(if wildcard { HostMatch::Wildcard(format!(".{name}")) } else { HostMatch::Exact(name.to_string()) })
+}
+
+fn check_path_prefix(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!(r#"invalid path_prefix {p:?}: expected a path starting with "/", e.g. "/ws""#));
+    }
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("invalid path_prefix {p:?}: must not contain spaces or control characters"));
+    }
+    if p.contains(['?', '#']) {
+        return Err(format!("invalid path_prefix {p:?}: must be a path only, without '?' query or '#' fragment"));
+    }
+    Ok(())
+}
+
+/// `IP:PORT`; with `resolve`, also `host:port` through the system resolver (first result).
+fn socket_addr(s: &str, resolve: bool) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let expected = r#"expected IP:PORT (e.g. "127.0.0.1:9000", IPv6 as "[::1]:9000")"#;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        let hint = if ip.is_ipv6() { "; IPv6 needs brackets and a port" } else { "; the port is missing" };
+        return Err(format!("invalid address {s:?}: {expected}{hint}"));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("invalid address {s:?}: {expected}"));
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!("invalid address {s:?}: {expected}; the port must be a number from 0 to 65535"));
+    };
+    let hostname_like = !host.is_empty()
+        && host.len() <= 253
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && !host.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && !host.starts_with(['.', '-']);
+    if !hostname_like {
+        return Err(format!("invalid address {s:?}: {expected}"));
+    }
+    if !resolve {
+        return Err(format!("invalid address {s:?}: {expected}; host names are not allowed here"));
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| format!("cannot resolve {s:?}: no addresses found; {expected}")),
+        Err(e) => Err(format!("cannot resolve {s:?}: {e}; {expected}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        validate(text, Path::new("t.toml"))
+    }
+
+    /// Errors as (line, col, message).
+    fn errs(text: &str) -> Vec<(usize, usize, String)> {
+        match load(text) {
+            Ok(_) => panic!("expected errors for:\n{text}"),
+            Err(e) => e.0.into_iter().map(|e| (e.line, e.col, e.message)).collect(),
+        }
+    }
+
+    fn one_err(text: &str) -> (usize, usize, String) {
+        let mut e = errs(text);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        e.remove(0)
+    }
+
+    const GOOD: &str = r#"
+[[listener]]
+name = "public"
+bind = "127.0.0.1:8080"
+
+  [[listener.route]]
+  upstream = "chat"
+
+[upstream.chat]
+servers = [
+  { addr = "127.0.0.1:9001" },
+]
+"#;
+
+    #[test]
+    fn shipped_configs_validate() {
+        let demo = validate(include_str!("../../conf/demo.toml"), Path::new("conf/demo.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(demo.listeners.len(), 1);
+        assert_eq!(demo.listeners[0].name, "demo");
+        assert_eq!(demo.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(demo.upstreams.len(), 1);
+        let up = &demo.upstreams[0];
+        assert_eq!(up.name, "demo");
+        let addrs: Vec<String> = up.servers.iter().map(|s| s.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]);
+        assert!(up.servers.iter().all(|s| s.weight.get() == 1 && !s.backup && !s.down));
+
+        let reference = include_str!("../../conf/tidegate.toml");
+        let full = validate(reference, Path::new("conf/tidegate.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!full.listeners.is_empty());
+        // Every key of the schema appears in the reference config.
+        for key in [
+            "shutdown_timeout",
+            "[[listener]]",
+            "name",
+            "bind",
+            "mode",
+            "trusted_proxies",
+            "[listener.timeouts]",
+            "header_read",
+            "keepalive_idle",
+            "[[listener.route]]",
+            "host",
+            "path_prefix",
+            "upstream",
+            "balance",
+            "keepalive",
+            "tries",
+            "servers",
+            "addr",
+            "weight",
+            "max_fails",
+            "fail_timeout",
+            "backup",
+            "down",
+            "max_conns",
+            "connect",
+            "response_header",
+            "tunnel_idle",
+        ] {
+            assert!(reference.contains(key), "reference config lacks {key}");
+        }
+    }
+
+    #[test]
+    fn good_config_and_defaults() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.source, Path::new("t.toml"));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        let l = &c.listeners[0];
+        assert_eq!(l.mode, ListenerMode::Http);
+        assert_eq!(l.timeouts, ListenerTimeouts::default());
+        assert!(l.trusted_proxies.is_empty());
+        assert_eq!(l.routes[0].upstream, 0);
+        assert_eq!(l.routes[0].host, None);
+        let u = &c.upstreams[0];
+        assert_eq!((u.keepalive, u.tries, u.balance), (32, 0, Balance::RoundRobin));
+        assert_eq!(u.timeouts, UpstreamTimeouts::default());
+        let s = &u.servers[0];
+        assert_eq!(
+            (s.weight.get(), s.max_fails, s.fail_timeout, s.backup, s.down, s.max_conns),
+            (1, 1, Duration::from_secs(10), false, false, 0)
+        );
+    }
+
+    #[test]
+    fn full_config_values() {
+        let c = load(
+            r#"
+shutdown_timeout = "1m30s"
+[[listener]]
+name = "a"
+bind = "[::1]:0"
+trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]
+timeouts = { header_read = "5s", keepalive_idle = "2m" }
+  [[listener.route]]
+  host = "Chat.Example.COM"
+  path_prefix = "/ws"
+  upstream = "zeta"
+  [[listener.route]]
+  host = "*.example.com"
+  upstream = "alpha"
+[[listener]]
+name = "b"
+bind = "127.0.0.1:0"
+  [[listener.route]]
+  upstream = "alpha"
+[upstream.zeta]
+keepalive = 0
+tries = 2
+servers = [
+  { addr = "127.0.0.1:9001", weight = 3, max_fails = 0, fail_timeout = "1s", max_conns = 7 },
+  { addr = "[::1]:9002", backup = true },
+  { addr = "localhost:9003", down = true },
+]
+[upstream.zeta.timeouts]
+connect = "250ms"
+response_header = "1s"
+tunnel_idle = "1d"
+[upstream.alpha]
+servers = [{ addr = "127.0.0.1:9001" }]
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(90));
+        // Upstreams keep file order, not alphabetical order.
+        let names: Vec<&str> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha"]);
+        let l = &c.listeners[0];
+        assert_eq!(l.timeouts.header_read, Duration::from_secs(5));
+        assert_eq!(l.timeouts.keepalive_idle, Duration::from_secs(120));
+        assert_eq!(l.trusted_proxies.len(), 2);
+        assert_eq!(l.routes[0].host, Some(HostMatch::Exact("chat.example.com".into())));
+        assert_eq!(l.routes[0].path_prefix.as_deref(), Some("/ws"));
+        assert_eq!(l.routes[0].upstream, 0);
+        assert_eq!(l.routes[1].host, Some(HostMatch::Wildcard(".example.com".into())));
+        assert_eq!(l.routes[1].upstream, 1);
+        let z = c.upstream("zeta").unwrap();
+        assert_eq!((z.keepalive, z.tries), (0, 2));
+        assert_eq!(z.timeouts.connect, Duration::from_millis(250));
+        assert_eq!(z.timeouts.tunnel_idle, Duration::from_secs(86_400));
+        let s = &z.servers[0];
+        assert_eq!((s.weight.get(), s.max_fails, s.max_conns), (3, 0, 7));
+        assert_eq!(s.fail_timeout, Duration::from_secs(1));
+        assert!(z.servers[1].backup && z.servers[2].down);
+        assert_eq!(z.servers[2].addr.port(), 9003);
+    }
+
+    #[test]
+    fn syntax_error() {
+        let (line, col, msg) = one_err("[[listener]]\nname = \"a\nbind = 1\n");
+        assert_eq!((line, col), (2, 10), "{msg}");
+        assert!(msg.contains("expected"), "{msg}");
+        let (line, _, _) = one_err("[[listener]]\nname = \"a\"\nbind == \"x\"\n");
+        assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn unknown_key_in_server() {
+        let text = GOOD.replace(r#"{ addr = "127.0.0.1:9001" },"#, r#"{ addr = "127.0.0.1:9001", wieght = 2 },"#);
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (11, 30));
+        assert_eq!(
+            msg,
+            r#"unknown key "wieght" in server; expected one of: addr, weight, max_fails, fail_timeout, backup, down, max_conns"#
+        );
+    }
+
+    #[test]
+    fn unknown_keys_elsewhere() {
+        let (line, col, msg) = one_err(&format!("shutdown = \"1s\"\n{GOOD}"));
+        assert_eq!((line, col), (1, 1));
+        assert!(msg.starts_with(r#"unknown key "shutdown" at top level; expected one of: shutdown_timeout, listener, upstream"#), "{msg}");
+        let (line, _, msg) = one_err(&GOOD.replace("bind =", "port = 1\nbind ="));
+        assert_eq!(line, 4);
+        assert!(msg.contains("in [[listener]]"), "{msg}");
+        let (line, _, msg) = one_err(&GOOD.replace("upstream = \"chat\"", "upstream = \"chat\"\n  hots = \"x\""));
+        assert_eq!(line, 8);
+        assert!(msg.contains("in [[listener.route]]; expected one of: host, path_prefix, upstream"), "{msg}");
+        let (line, _, msg) = one_err(&GOOD.replace("servers =", "balanse = \"x\"\nservers ="));
+        assert_eq!(line, 10);
+        assert!(msg.contains("in upstream;"), "{msg}");
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let (line, _, msg) = one_err(&GOOD.replace("bind = \"127.0.0.1:8080\"\n", ""));
+        assert!(msg.contains(r#"missing required key "bind""#), "{msg}");
+        assert!(line >= 1);
+    }
+
+    #[test]
+    fn route_to_missing_upstream() {
+        let text = format!(
+            "{}\n[upstream.api]\nservers = [{{ addr = \"127.0.0.1:9002\" }}]\n",
+            GOOD.replace("upstream = \"chat\"", "upstream = \"chatt\"")
+        );
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (7, 14));
+        assert_eq!(msg, r#"unknown upstream "chatt"; defined upstreams: chat, api"#);
+    }
+
+    #[test]
+    fn duplicate_bind_points_at_second() {
+        let text = format!("{GOOD}\n[[listener]]\nname = \"two\"\nbind = \"127.0.0.1:8080\"\n[[listener.route]]\nupstream = \"chat\"\n");
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (16, 8));
+        assert!(msg.starts_with("duplicate bind 127.0.0.1:8080"), "{msg}");
+        assert!(msg.contains(r#""public" (line 4)"#), "{msg}");
+        // Port 0 may repeat; a wildcard overlaps a specific address on the same port.
+        let zero = text.replace(":8080", ":0");
+        assert!(load(&zero).is_ok());
+        let overlap = text.replacen("127.0.0.1:8080", "0.0.0.0:8080", 1);
+        let (line, _, msg) = one_err(&overlap);
+        assert_eq!(line, 16);
+        assert!(msg.contains("overlaps"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_listener_name() {
+        let text = format!("{GOOD}\n[[listener]]\nname = \"public\"\nbind = \"127.0.0.1:0\"\n[[listener.route]]\nupstream = \"chat\"\n");
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (15, 8));
+        assert!(msg.contains("duplicate listener name"), "{msg}");
+    }
+
+    #[test]
+    fn empty_servers() {
+        let text = GOOD.replace("  { addr = \"127.0.0.1:9001\" },\n", "");
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (10, 11));
+        assert!(msg.starts_with(r#"upstream "chat" has no servers"#), "{msg}");
+        let text =
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.route]]\nupstream = \"x\"\n[upstream.x]\nkeepalive = 1\n";
+        let (line, col, msg) = one_err(text);
+        assert_eq!((line, col), (6, 11));
+        assert!(msg.starts_with(r#"upstream "x" has no servers"#), "{msg}");
+    }
+
+    #[test]
+    fn weight_zero() {
+        let text = GOOD.replace(r#"{ addr = "127.0.0.1:9001" }"#, r#"{ addr = "127.0.0.1:9001", weight = 0 }"#);
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (11, 39));
+        assert!(msg.starts_with("weight must be at least 1"), "{msg}");
+        let big = GOOD.replace(r#"{ addr = "127.0.0.1:9001" }"#, r#"{ addr = "127.0.0.1:9001", weight = 4294967296 }"#);
+        assert!(one_err(&big).2.contains("between 1 and 4294967295"));
+    }
+
+    #[test]
+    fn bad_duration() {
+        let text = format!("shutdown_timeout = \"10 seconds\"\n{GOOD}");
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (1, 20));
+        assert_eq!(msg, r#"invalid duration "10 seconds": expected a number followed by ms, s, m, h or d (e.g. "250ms", "10s")"#);
+        let zero = GOOD.replace("servers =", "timeouts = { connect = \"0s\" }\nservers =");
+        let (line, _, msg) = one_err(&zero);
+        assert_eq!(line, 10);
+        assert!(msg.contains("connect must be greater than 0"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address() {
+        let text = GOOD.replace(r#""127.0.0.1:9001""#, r#""127.0.0.1""#);
+        let (line, col, msg) = one_err(&text);
+        assert_eq!((line, col), (11, 12));
+        assert!(msg.starts_with(r#"invalid address "127.0.0.1": expected IP:PORT"#), "{msg}");
+        let bind = GOOD.replace("127.0.0.1:8080", "127.0.0.1");
+        let (line, col, msg) = one_err(&bind);
+        assert_eq!((line, col), (4, 8));
+        assert!(msg.starts_with(r#"invalid address "127.0.0.1": expected IP:PORT"#), "{msg}");
+        for bad in ["::1:9000", "1.2.3:80", "[::1]", "127.0.0.1:99999", "a b:80", ":80", "127.0.0.1:0"] {
+            let t = GOOD.replace("127.0.0.1:9001", bad);
+            let (line, _, msg) = one_err(&t);
+            assert_eq!(line, 11, "{bad}: {msg}");
+            assert!(msg.contains("expected"), "{bad}: {msg}");
+        }
+        let unresolvable = GOOD.replace("127.0.0.1:9001", "no-such-host.invalid:80");
+        let (line, _, msg) = one_err(&unresolvable);
+        assert_eq!(line, 11);
+        assert!(msg.starts_with(r#"cannot resolve "no-such-host.invalid:80""#), "{msg}");
+        // Host names are not accepted for bind.
+        assert!(one_err(&GOOD.replace("127.0.0.1:8080", "localhost:8080")).2.contains("not allowed"));
+    }
+
+    #[test]
+    fn collects_all_errors_sorted() {
+        let text = r#"shutdown_timeout = "0s"
+[[listener]]
+name = "a"
+bind = "nope"
+mode = "tcp"
+trusted_proxies = ["10.0.0.0/33"]
+timeouts = { header_read = "-1s" }
+  [[listener.route]]
+  host = "example.com:80"
+  path_prefix = "ws"
+  upstream = "missing"
+[[listener]]
+name = "b"
+bind = "127.0.0.1:1"
+[upstream."bad name"]
+balance = "least_conn"
+keepalive = -1
+tries = -2
+servers = [
+  { addr = "127.0.0.1:1", weight = 0, max_fails = -1, fail_timeout = "x", max_conns = -5 },
+  { addr = "127.0.0.1:1" },
+]
+[upstream.allbackup]
+servers = [{ addr = "127.0.0.1:1", backup = true }]
+[upstream.alldown]
+servers = [{ addr = "127.0.0.1:1", down = true }]
+"#;
+        let e = errs(text);
+        let lines: Vec<usize> = e.iter().map(|e| e.0).collect();
+        let mut sorted = lines.clone();
+        sorted.sort();
+        assert_eq!(lines, sorted);
+        let expect = [
+            (1, "shutdown_timeout must be greater than 0"),
+            (4, r#"invalid address "nope""#),
+            (5, r#"mode "tcp" is not supported yet; expected "http""#),
+            (6, "invalid CIDR"),
+            (7, r#"invalid duration "-1s""#),
+            (9, "must not contain a port"),
+            (10, r#"expected a path starting with "/""#),
+            (11, r#"unknown upstream "missing"; defined upstreams: bad name, allbackup, alldown"#),
+            (12, r#"listener "b" (line 12) has no routes"#),
+            (15, r#"invalid upstream name "bad name""#),
+            (16, r#"unknown balance "least_conn"; expected one of: round_robin"#),
+            (17, "keepalive must be 0 or more"),
+            (18, "tries must be 0 or more"),
+            (20, "weight must be at least 1"),
+            (20, "max_fails must be 0 or more"),
+            (20, r#"invalid duration "x""#),
+            (20, "max_conns must be 0 or more"),
+            (21, "duplicate server"),
+            (23, "no primary server"),
+            (25, "all servers are down"),
+        ];
+        for (line, needle) in expect {
+            assert!(e.iter().any(|(l, _, m)| *l == line && m.contains(needle)), "missing line {line}: {needle}\n{e:#?}");
+        }
+        assert_eq!(e.len(), expect.len(), "{e:#?}");
+        let shown = load(text).unwrap_err().to_string();
+        assert!(shown.starts_with("t.toml:1:20: shutdown_timeout must be greater than 0"), "{shown}");
+        assert_eq!(shown.lines().count(), expect.len());
+    }
+
+    #[test]
+    fn type_errors_speak_toml() {
+        let (line, col, msg) = one_err(&GOOD.replace("bind = \"127.0.0.1:8080\"", "bind = \"127.0.0.1:8080\"\ntimeouts = 5"));
+        assert_eq!((line, col), (5, 12));
+        assert_eq!(msg, "invalid type: integer `5`, expected a table");
+        let (line, _, msg) = one_err(&GOOD.replace("{ addr = \"127.0.0.1:9001\" }", "{ addr = \"127.0.0.1:9001\", weight = \"2\" }"));
+        assert_eq!(line, 11);
+        assert!(msg.ends_with("expected an integer"), "{msg}");
+        let (_, _, msg) = one_err("listener = 5\n");
+        assert!(msg.ends_with("expected an array"), "{msg}");
+    }
+
+    #[test]
+    fn every_prefix_of_reference_config_is_handled() {
+        let text = include_str!("../../conf/tidegate.toml");
+        for (i, _) in text.char_indices() {
+            if let Err(e) = load(&text[..i]) {
+                assert!(!e.0.is_empty());
+                assert!(e.0.iter().all(|e| !e.message.is_empty()), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_listener() {
+        let e = load("").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(e.0[0].message.contains("at least one listener"));
+        assert_eq!(e.to_string(), "t.toml: no [[listener]] defined; at least one listener is required");
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(parse_host("Example.com"), Ok(HostMatch::Exact("example.com".into())));
+        assert_eq!(parse_host("example.com."), Ok(HostMatch::Exact("example.com".into())));
+        assert_eq!(parse_host("*.Example.com"), Ok(HostMatch::Wildcard(".example.com".into())));
+        assert_eq!(parse_host("[::1]"), Ok(HostMatch::Exact("[::1]".into())));
+        assert_eq!(parse_host("localhost"), Ok(HostMatch::Exact("localhost".into())));
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "a.*.com",
+            "*example.com",
+            "**.example.com",
+            "ex ample.com",
+            "example.com/ws",
+            "example.com:80",
+            "a..b",
+            ".example.com",
+            "exämple.com",
+            "[zz]",
+        ] {
+            let e = parse_host(bad).expect_err(bad);
+            assert!(e.contains("expected a host name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        let t = "ab\nçdé\n";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 5), (2, 2)); // after 'ç' (2 bytes)
+        assert_eq!(line_col(t, 6), (2, 3));
+        assert_eq!(line_col(t, 4), (2, 1)); // inside 'ç': clamps back
+        assert_eq!(line_col(t, 1000), (3, 1));
+        // Unicode before a bad value still gives a character column.
+        let text = format!("# ééé\nshutdown_timeout = \"é\"\n{GOOD}");
+        let (line, col, _) = one_err(&text);
+        assert_eq!((line, col), (2, 20));
+    }
+}

@@ -1,0 +1,222 @@
+//! One client connection: HTTP/1.1 through hyper, with tidegate's own deadlines for the
+//! request head (total time from its first byte) and for idle keep-alive.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::Shared;
+use crate::config::ListenerTimeouts;
+use crate::runtime::now_ms;
+
+/// Largest request head accepted (request line and headers); larger gets 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields accepted in one request; more gets 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// A client's byte stream. TLS joins as a variant, so the tunnel takes one type.
+#[derive(Debug)]
+pub enum ClientStream {
+    Tcp(TcpStream),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Tcp(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+const IDLE: u8 = 0;
+const HEAD: u8 = 1;
+const BUSY: u8 = 2;
+
+/// Where a client connection is between requests, shared by the request handler (which knows
+/// when a request starts and its response ends) and the I/O wrapper (which enforces deadlines).
+#[derive(Debug)]
+pub struct ConnPhase {
+    phase: AtomicU8,
+    since_ms: AtomicU64,
+}
+
+impl ConnPhase {
+    fn new() -> Self {
+        // A new connection is waiting for its first head: the header deadline applies.
+        Self { phase: AtomicU8::new(HEAD), since_ms: AtomicU64::new(now_ms()) }
+    }
+    pub fn set_busy(&self) {
+        self.phase.store(BUSY, Ordering::Relaxed);
+    }
+    pub fn set_idle(&self) {
+        self.since_ms.store(now_ms(), Ordering::Relaxed);
+        self.phase.store(IDLE, Ordering::Relaxed);
+    }
+    fn set_head(&self) {
+        self.since_ms.store(now_ms(), Ordering::Relaxed);
+        self.phase.store(HEAD, Ordering::Relaxed);
+    }
+}
+
+/// Wraps the client stream; while no request is being served, reads fail with `TimedOut`
+/// once the keep-alive idle time (no byte yet) or the header deadline (a head started) passed.
+pub struct TimedIo {
+    inner: ClientStream,
+    phase: Arc<ConnPhase>,
+    timeouts: ListenerTimeouts,
+    sleep: Pin<Box<Sleep>>,
+    armed_ms: u64,
+}
+
+impl TimedIo {
+    fn new(inner: ClientStream, phase: Arc<ConnPhase>, timeouts: ListenerTimeouts) -> Self {
+        Self { inner, phase, timeouts, sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed_ms: 0 }
+    }
+
+    pub fn into_inner(self) -> ClientStream {
+        self.inner
+    }
+}
+
+impl AsyncRead for TimedIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.phase.load(Ordering::Relaxed);
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if phase == BUSY {
+            return res;
+        }
+        match res {
+            Poll::Ready(Ok(())) => {
+                if phase == IDLE && buf.filled().len() > before {
+                    this.phase.set_head();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let (limit, what) = if phase == IDLE {
+                    (this.timeouts.keepalive_idle, "keep-alive idle timeout")
+                } else {
+                    (this.timeouts.header_read, "request header timeout")
+                };
+                let deadline = this.phase.since_ms.load(Ordering::Relaxed) + limit.as_millis() as u64;
+                let now = now_ms();
+                if now >= deadline {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                }
+                if this.armed_ms != deadline {
+                    this.armed_ms = deadline;
+                    this.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
+                }
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TimedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The type hyper's upgrade hands back, to be unwrapped into the raw client stream.
+pub type UpgradedIo = TokioIo<TimedIo>;
+
+/// What the request handler knows about its connection.
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub listener: usize,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub phase: Arc<ConnPhase>,
+}
+
+/// Serves one accepted client connection until it closes or shutdown finishes it.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: usize, shared: Arc<Shared>, timeouts: ListenerTimeouts) {
+    let phase = Arc::new(ConnPhase::new());
+    let io = TimedIo::new(ClientStream::Tcp(stream), phase.clone(), timeouts);
+    let shutdown = shared.shutdown.clone();
+    let cx = Arc::new(ConnCtx { shared, listener, peer, tls: false, phase });
+    let service = service_fn(move |req| {
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Backstop only: TimedIo enforces the real head and idle deadlines.
+        .header_read_timeout(timeouts.header_read + timeouts.keepalive_idle)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let mut conn = pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(peer = %peer, error = %e, "client connection ended with error");
+    }
+}

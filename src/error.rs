@@ -1,0 +1,63 @@
+//! Errors on the data path and the status each one answers with (one match, one place).
+
+use std::io;
+use std::net::SocketAddr;
+
+use hyper::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no route for host {host:?} path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("no server available in upstream {upstream:?}")]
+    NoServer { upstream: String },
+    #[error("every server of upstream {upstream:?} is at max_conns")]
+    AllFull { upstream: String },
+    #[error("connect to {addr} failed")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connect to {addr} timed out")]
+    ConnectTimeout { addr: SocketAddr },
+    #[error("handshake with {addr} failed")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("no response head from {addr} within the response_header timeout")]
+    ResponseTimeout { addr: SocketAddr },
+    #[error("request to {addr} failed")]
+    Upstream {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("bad upgrade response from {addr}: {reason}")]
+    BadUpgrade { addr: SocketAddr, reason: &'static str },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::AllFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoServer { .. }
+            | ProxyError::Connect { .. }
+            | ProxyError::Handshake { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::BadUpgrade { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The request was at fault and the connection should not be trusted further.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, ProxyError::BadRequest(_))
+    }
+}

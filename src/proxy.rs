@@ -1,0 +1,368 @@
+//! One request: check its framing, route it, pick a backend (with failover on connect
+//! failure), forward it with hop-by-hop headers replaced, and either stream the response back
+//! or, on a valid `101` to a WebSocket upgrade, hand both sockets to a tunnel.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::upgrade::OnUpgrade;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+
+use crate::access::{self, AccessLog};
+use crate::balancer::{NoPick, PickCtx};
+use crate::body::ProxyBody;
+use crate::config::Cidr;
+use crate::connection::{ConnCtx, UpgradedIo};
+use crate::error::ProxyError;
+use crate::route::host_without_port;
+use crate::runtime::{ConnGuard, Runtime, Upstream, now_ms};
+use crate::upstream::{self, ReqBody, Sender};
+use crate::ws;
+
+pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCtx>) -> Response<ProxyBody> {
+    cx.phase.set_busy();
+    let start = Instant::now();
+    let rt = cx.shared.runtime.load_full();
+    let (mut parts, body) = req.into_parts();
+    let body_present = has_body(&parts.headers);
+    match forward(&mut parts, body, &cx, &rt, start).await {
+        Ok(resp) => resp,
+        Err(e) => local_error(&parts, body_present, &cx, e),
+    }
+}
+
+fn local_error(req: &Parts, body_present: bool, cx: &ConnCtx, e: ProxyError) -> Response<ProxyBody> {
+    let status = e.status();
+    match &e {
+        ProxyError::BadRequest(_) | ProxyError::NoRoute { .. } => tracing::debug!(peer = %cx.peer, error = %e, "request refused"),
+        _ => tracing::warn!(peer = %cx.peer, error = %display_chain(&e), "request failed"),
+    }
+    access::emit_local(cx.peer, &req.method, req.uri.path(), status.as_u16(), &e);
+    let mut resp = Response::new(ProxyBody::local(
+        format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")),
+        Some(cx.phase.clone()),
+    ));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    // A request whose body we did not read, or whose framing we distrust, must not leave
+    // bytes behind that the next request would be parsed from.
+    if e.closes_connection() || body_present {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn display_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn has_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING) || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// Rejects framing that a server behind us might read differently (request smuggling).
+fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
+    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+    let first_cl = cl.next();
+    if !te.is_empty() && first_cl.is_some() {
+        return Err(ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    if let Some(first) = first_cl {
+        if first.is_empty() || !first.as_bytes().iter().all(u8::is_ascii_digit) {
+            return Err(ProxyError::BadRequest("malformed Content-Length"));
+        }
+        if cl.any(|v| v != first) {
+            return Err(ProxyError::BadRequest("differing Content-Length headers"));
+        }
+    }
+    match te.as_slice() {
+        [] => {}
+        [one] if one.as_bytes().eq_ignore_ascii_case(b"chunked") => {}
+        _ => return Err(ProxyError::BadRequest("Transfer-Encoding other than a single chunked")),
+    }
+    Ok(())
+}
+
+/// Does a comma-separated header contain `token` (case-insensitive)?
+fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// What the client asked to upgrade to.
+enum Upgrade {
+    None,
+    WebSocket { key: HeaderValue },
+}
+
+fn classify_upgrade(req: &Parts) -> Result<Upgrade, ProxyError> {
+    let h = &req.headers;
+    let Some(up) = h.get(header::UPGRADE) else { return Ok(Upgrade::None) };
+    let is_ws = up.as_bytes().eq_ignore_ascii_case(b"websocket") && h.get_all(header::UPGRADE).iter().count() == 1;
+    if !is_ws || !has_token(h, header::CONNECTION, "upgrade") {
+        // h2c and any other protocol: the upgrade headers are stripped and the request goes
+        // on as plain HTTP/1.1, never as a tunnel.
+        return Ok(Upgrade::None);
+    }
+    if req.method != Method::GET || req.version != Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("WebSocket upgrade must be a GET over HTTP/1.1"));
+    }
+    let mut keys = h.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) if ws::valid_key(k.as_bytes()) => k.clone(),
+        _ => return Err(ProxyError::BadRequest("WebSocket upgrade without exactly one valid Sec-WebSocket-Key")),
+    };
+    if h.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+        return Err(ProxyError::BadRequest("WebSocket upgrade without Sec-WebSocket-Version: 13"));
+    }
+    Ok(Upgrade::WebSocket { key })
+}
+
+/// Headers that belong to one hop and never travel on.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        h.remove(name);
+    }
+    for name in [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    let proxy: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for name in proxy {
+        h.remove(name);
+    }
+}
+
+fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
+    list.iter().any(|c| c.contains(ip))
+}
+
+fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, host: Option<HeaderValue>) {
+    let ip = peer.ip().to_canonical();
+    let xff = match (trusted, h.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
+        (true, Some(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip.to_string(),
+    };
+    h.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    if !(trusted && h.contains_key("x-forwarded-proto")) {
+        h.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+    }
+    if !(trusted && h.contains_key("x-forwarded-host"))
+        && let Some(host) = host
+    {
+        h.insert("x-forwarded-host", host);
+    }
+}
+
+async fn forward(
+    req: &mut Parts,
+    body: Incoming,
+    cx: &Arc<ConnCtx>,
+    rt: &Arc<Runtime>,
+    start: Instant,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    check_framing(&req.headers)?;
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let host_value = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h.clone(),
+        (None, _) if req.version < Version::HTTP_11 => HeaderValue::from_static(""),
+        _ => return Err(ProxyError::BadRequest("request needs exactly one Host header")),
+    };
+    let host = host_without_port(host_value.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?);
+    let path = req.uri.path();
+    let listener_cfg = &rt.config.listeners[cx.listener];
+    let Some(up_idx) = rt.listeners[cx.listener].router.find(host, path) else {
+        return Err(ProxyError::NoRoute { host: host.to_string(), path: path.to_string() });
+    };
+    let upstream = &rt.upstreams[up_idx];
+    let upgrade = classify_upgrade(req)?;
+    let client_upgrade = match upgrade {
+        Upgrade::WebSocket { .. } => req.extensions.remove::<OnUpgrade>(),
+        Upgrade::None => None,
+    };
+
+    // The request that goes upstream: same method, origin-form target, headers re-made.
+    let trusted = is_trusted(&listener_cfg.trusted_proxies, cx.peer.ip().to_canonical());
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let mut out = Request::new(ReqBody::new(body, bytes_in.clone()));
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = req.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    let mut headers = std::mem::take(&mut req.headers);
+    strip_hop_by_hop(&mut headers);
+    set_forwarded(&mut headers, cx.peer, trusted, cx.tls, Some(host_value));
+    if let Upgrade::WebSocket { .. } = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    *out.headers_mut() = headers;
+
+    let (resp, guard, sender, backend_addr) = dispatch(upstream, out, cx).await?;
+
+    let log = access::enabled().then(|| AccessLog {
+        client: cx.peer,
+        method: req.method.clone(),
+        path: req.uri.path().to_string(),
+        status: resp.status().as_u16(),
+        upstream: upstream.name().to_string(),
+        backend: backend_addr,
+        start,
+        bytes_in,
+    });
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Upgrade::WebSocket { key }, Some(client_upgrade)) = (upgrade, client_upgrade) else {
+            return Err(ProxyError::BadUpgrade { addr: backend_addr, reason: "101 to a request that did not ask to upgrade" });
+        };
+        return start_tunnel(resp, &key, client_upgrade, guard, log, upstream, backend_addr, cx);
+    }
+
+    let max_idle = upstream.cfg.keepalive;
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()));
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Picks backends until one accepts the request: connect failures move on to the next
+/// backend before any byte of the request left; anything later is final.
+async fn dispatch(
+    upstream: &Upstream,
+    mut req: Request<ReqBody>,
+    cx: &Arc<ConnCtx>,
+) -> Result<(Response<Incoming>, ConnGuard, Sender, SocketAddr), ProxyError> {
+    let tries = if upstream.cfg.tries == 0 { upstream.backends.len() } else { upstream.cfg.tries };
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_err: Option<ProxyError> = None;
+    let timeouts = upstream.cfg.timeouts;
+    while tried.len() < tries {
+        let pick = upstream
+            .balancer
+            .pick(&upstream.backends, &PickCtx { client: cx.peer.ip(), headers: req.headers(), tried: &tried, now_ms: now_ms() });
+        let i = match pick {
+            Ok(i) => i,
+            Err(NoPick::Full) if last_err.is_none() => return Err(ProxyError::AllFull { upstream: upstream.name().to_string() }),
+            Err(_) => break,
+        };
+        tried.push(i);
+        let backend = &upstream.backends[i];
+        let Some(guard) = backend.state.try_acquire(backend.cfg.max_conns) else { continue };
+        let addr = backend.addr();
+        // A pooled connection first; if it turns out dead, a fresh one (not a failure).
+        let mut sender = backend.state.pool.take();
+        loop {
+            let mut s = match sender.take() {
+                Some(s) => s,
+                None => match upstream::connect(addr, timeouts.connect).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if backend.state.record_failure(&backend.cfg, now_ms()) {
+                            tracing::warn!(upstream = %upstream.name(), backend = %addr, fail_timeout = ?backend.cfg.fail_timeout, "backend marked unavailable after max_fails");
+                        }
+                        tracing::warn!(upstream = %upstream.name(), backend = %addr, error = %display_chain(&e), "connect failed, trying next server");
+                        last_err = Some(e);
+                        break;
+                    }
+                },
+            };
+            match upstream::send(&mut s, req, addr, timeouts.response_header).await {
+                Ok(resp) => {
+                    backend.state.record_success();
+                    return Ok((resp, guard, s, addr));
+                }
+                Err(Ok(back)) => {
+                    // The pooled connection was closed under us; the request never left.
+                    req = back;
+                    sender = None;
+                    if backend.state.pool.is_empty() {
+                        continue;
+                    }
+                    sender = backend.state.pool.take();
+                }
+                Err(Err(e)) => {
+                    if matches!(e, ProxyError::ResponseTimeout { .. }) {
+                        backend.state.record_failure(&backend.cfg, now_ms());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ProxyError::NoServer { upstream: upstream.name().to_string() }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_tunnel(
+    mut resp: Response<Incoming>,
+    key: &HeaderValue,
+    client_upgrade: OnUpgrade,
+    guard: ConnGuard,
+    log: Option<AccessLog>,
+    upstream: &Upstream,
+    addr: SocketAddr,
+    cx: &Arc<ConnCtx>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let h = resp.headers();
+    if !h.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+        return Err(ProxyError::BadUpgrade { addr, reason: "101 without Upgrade: websocket" });
+    }
+    let expected = ws::accept_key(key.as_bytes());
+    if h.get(header::SEC_WEBSOCKET_ACCEPT).is_none_or(|v| v.as_bytes() != expected.as_bytes()) {
+        return Err(ProxyError::BadUpgrade { addr, reason: "Sec-WebSocket-Accept does not match the client's key" });
+    }
+    let server_upgrade = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+
+    let idle = upstream.cfg.timeouts.tunnel_idle;
+    let shutdown = cx.shared.shutdown.clone();
+    let peer = cx.peer;
+    cx.shared.tasks.spawn(async move {
+        let (client, server) = match tokio::try_join!(client_upgrade, server_upgrade) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(peer = %peer, backend = %addr, error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        let (client, client_early) = match client.downcast::<UpgradedIo>() {
+            Ok(p) => (p.io.into_inner().into_inner(), p.read_buf),
+            Err(_) => return tracing::error!("client upgrade is not a tidegate stream"),
+        };
+        let (server, server_early) = match server.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+            Ok(p) => (p.io.into_inner(), p.read_buf),
+            Err(_) => return tracing::error!("server upgrade is not a TCP stream"),
+        };
+        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, &shutdown, ws::CLOSE_GOING_AWAY).await;
+        drop(guard);
+        if let Some(log) = log {
+            log.emit_tunnel(&stats);
+        }
+    });
+    // The 101 carries no body; the connection is the tunnel's from here on.
+    Ok(Response::from_parts(parts, ProxyBody::local(bytes::Bytes::new(), None)))
+}

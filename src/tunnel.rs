@@ -1,0 +1,267 @@
+//! The tunnel: bytes both ways between an upgraded client and its backend.
+//!
+//! Idle WebSockets are the common case, so a tunnel owns no copy buffer while idle: it waits
+//! for readiness, reads into a per-thread scratch buffer, writes straight on, and allocates
+//! only for the bytes a blocked writer did not take. Both directions' frame headers are
+//! followed (headers only) so a close frame tidegate writes lands on a frame boundary.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::ws::{FrameTracker, close_frame};
+
+const SCRATCH_LEN: usize = 16 * 1024;
+/// Reads per direction per poll before yielding to other tasks.
+const BUDGET: usize = 16;
+/// How long a closing tunnel may take to reach frame boundaries and hear the peer's close.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
+}
+
+/// Why a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed (either may have started it).
+    Closed,
+    /// A read or write failed (reset, broken pipe).
+    Error,
+    /// No byte either way for `tunnel_idle`.
+    Idle,
+    /// tidegate closed it with a close frame (shutdown, later drain).
+    Shutdown,
+}
+
+impl TunnelEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelEnd::Closed => "closed",
+            TunnelEnd::Error => "error",
+            TunnelEnd::Idle => "idle_timeout",
+            TunnelEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Bytes moved each way and how the tunnel ended.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelStats {
+    pub client_to_server: u64,
+    pub server_to_client: u64,
+    pub end: TunnelEnd,
+}
+
+/// One direction of the relay.
+#[derive(Debug, Default)]
+struct Half {
+    /// Bytes read but not yet written: allocated only while the writer is blocked.
+    pending: Vec<u8>,
+    pos: usize,
+    eof: bool,
+    shut: bool,
+    close_queued: bool,
+    frames: FrameTracker,
+    bytes: u64,
+}
+
+impl Half {
+    fn with_initial(bytes: &[u8]) -> Self {
+        let mut h = Half::default();
+        if !bytes.is_empty() {
+            h.pending = bytes.to_vec();
+            h.frames.advance(bytes);
+            h.bytes = bytes.len() as u64;
+        }
+        h
+    }
+
+    fn done(&self) -> bool {
+        self.shut && self.pending.is_empty()
+    }
+
+    /// Moves bytes from `r` to `w` until both would block. `Ready(Ok)` once this direction
+    /// is finished (EOF passed on, or a close frame sent while `closing`).
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        closing: Option<(u16, Option<[u8; 4]>)>,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        for _ in 0..BUDGET {
+            while self.pos < self.pending.len() {
+                match w.as_mut().poll_write(cx, &self.pending[self.pos..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => self.pos += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.pos = 0;
+            }
+            if self.shut {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((code, mask)) = closing
+                && !self.close_queued
+                && (self.frames.at_boundary() || self.frames.is_lost() || self.eof)
+            {
+                self.close_queued = true;
+                if self.frames.at_boundary() && !self.eof {
+                    self.pending = close_frame(code, mask);
+                }
+                self.eof = true;
+                continue;
+            }
+            if self.eof {
+                match w.as_mut().poll_shutdown(cx) {
+                    Poll::Ready(_) => {
+                        self.shut = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let step = SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                let limit = match closing {
+                    Some(_) => (self.frames.bytes_to_step() as usize).clamp(1, SCRATCH_LEN),
+                    None => SCRATCH_LEN,
+                };
+                let mut buf = ReadBuf::new(&mut s[..limit]);
+                match r.as_mut().poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = buf.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        *active = true;
+                        self.bytes += n as u64;
+                        self.frames.advance(&s[..n]);
+                        match w.as_mut().poll_write(cx, &s[..n]) {
+                            Poll::Ready(Ok(m)) if m >= n => {}
+                            Poll::Ready(Ok(m)) => self.pending = s[m..n].to_vec(),
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => self.pending = s[..n].to_vec(),
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            });
+            match step {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Reads and drops whatever a peer still sends, so closing its socket does not reset it.
+fn poll_discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>, eof: &mut bool) -> Poll<()> {
+    while !*eof {
+        let res = SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let mut buf = ReadBuf::new(&mut s[..]);
+            match r.as_mut().poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => Poll::Ready(false),
+                Poll::Ready(_) => Poll::Ready(true),
+            }
+        });
+        match res {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(e) => *eof = e,
+        }
+    }
+    Poll::Ready(())
+}
+
+/// Relays until both sides close, an error, `idle` with no byte, or `shutdown` (then both
+/// sides get a close frame with `close_code` on a frame boundary).
+pub async fn relay<C, S>(
+    mut client: C,
+    client_early: &[u8],
+    mut server: S,
+    server_early: &[u8],
+    idle: Duration,
+    shutdown: &CancellationToken,
+    close_code: u16,
+) -> TunnelStats
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut c2s = Half::with_initial(client_early);
+    let mut s2c = Half::with_initial(server_early);
+    let mut last = Instant::now();
+    let mut closing: Option<u16> = None;
+    let mut idle_timer = pin!(tokio::time::sleep(idle));
+    let mut shutdown_wait = pin!(shutdown.cancelled());
+
+    let end = poll_fn(|cx| {
+        loop {
+            if closing.is_none() && shutdown_wait.as_mut().poll(cx).is_ready() {
+                closing = Some(close_code);
+                idle_timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());
+            }
+            let mut active = false;
+            let a = c2s.poll(cx, Pin::new(&mut client), Pin::new(&mut server), closing.map(|c| (c, Some(rand_mask()))), &mut active);
+            let b = s2c.poll(cx, Pin::new(&mut server), Pin::new(&mut client), closing.map(|c| (c, None)), &mut active);
+            if active {
+                last = Instant::now();
+            }
+            if matches!(a, Poll::Ready(Err(_))) || matches!(b, Poll::Ready(Err(_))) {
+                return Poll::Ready(TunnelEnd::Error);
+            }
+            if c2s.done() && s2c.done() {
+                return Poll::Ready(if closing.is_some() { TunnelEnd::Shutdown } else { TunnelEnd::Closed });
+            }
+            if idle_timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if closing.is_some() {
+                return Poll::Ready(TunnelEnd::Shutdown);
+            }
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(TunnelEnd::Idle);
+            }
+            idle_timer.as_mut().reset(deadline.into());
+        }
+    })
+    .await;
+    if end == TunnelEnd::Shutdown {
+        // The client answers our close frame with its own; read it so our close is clean.
+        let mut eof = false;
+        let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| poll_discard(cx, Pin::new(&mut client), &mut eof))).await;
+    }
+    TunnelStats { client_to_server: c2s.bytes, server_to_client: s2c.bytes, end }
+}
+
+/// A masking key for frames tidegate writes toward a server; it need not be unpredictable
+/// (the server is not an attacker's browser), only present.
+fn rand_mask() -> [u8; 4] {
+    let t = Instant::now().elapsed().subsec_nanos() ^ 0x5a5a_a5a5;
+    t.to_le_bytes()
+}

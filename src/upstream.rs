@@ -1,0 +1,151 @@
+//! Connections to backends: connect with a deadline, a bounded keep-alive pool per backend,
+//! and sending one request with the response-header deadline.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+
+pub type Sender = http1::SendRequest<ReqBody>;
+
+/// Pooled connections idle longer than this are dropped rather than reused (nginx's
+/// `keepalive_timeout` default for upstreams is 60s).
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// Idle keep-alive connections to one backend.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+impl Pool {
+    /// The most recently used open connection, if any.
+    pub fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((s, since)) = idle.pop() {
+            if !s.is_closed() && since.elapsed() < POOL_IDLE {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    pub fn put(&self, s: Sender, max_idle: usize) {
+        if max_idle == 0 || s.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() >= max_idle {
+            idle.remove(0);
+        }
+        idle.push((s, Instant::now()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `addr`. The connection task is spawned; upgrades are on
+/// so a `101` hands the socket to the tunnel.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+        Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .max_buf_size(256 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProxyError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` on `sender`; when the pooled connection turned out to be dead before the
+/// request left, the request comes back in `Err(Ok(req))` so it can go on a fresh one.
+pub async fn send(
+    sender: &mut Sender,
+    req: Request<ReqBody>,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Response<Incoming>, Result<Request<ReqBody>, ProxyError>> {
+    let deadline = Instant::now() + timeout;
+    match tokio::time::timeout_at(deadline.into(), sender.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) | Err(_) => return Err(Ok(req)),
+    }
+    match tokio::time::timeout_at(deadline.into(), sender.try_send_request(req)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(mut e)) => match e.take_message() {
+            Some(req) => Err(Ok(req)),
+            None => Err(Err(ProxyError::Upstream { addr, source: e.into_error() })),
+        },
+        Err(_) => Err(Err(ProxyError::ResponseTimeout { addr })),
+    }
+}
+
+/// The request body sent upstream: the client's body, streamed, with a byte count for the
+/// access log.
+#[derive(Debug)]
+pub struct ReqBody {
+    inner: Option<Incoming>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl ReqBody {
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner: Some(inner), bytes }
+    }
+
+    pub fn empty() -> Self {
+        Self { inner: None, bytes: Arc::new(AtomicU64::new(0)) }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let res = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
