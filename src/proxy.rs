@@ -157,6 +157,23 @@ fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
     list.iter().any(|c| c.contains(ip))
 }
 
+/// Behind trusted proxies, the client is the right-most `X-Forwarded-For` address that is
+/// not itself a trusted proxy.
+fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
+    let mut last = None;
+    for v in h.get_all("x-forwarded-for").iter().rev() {
+        for part in v.to_str().ok()?.rsplit(',') {
+            let ip: IpAddr = part.trim().parse().ok()?;
+            let ip = ip.to_canonical();
+            if !is_trusted(trusted, ip) {
+                return Some(ip);
+            }
+            last = Some(ip);
+        }
+    }
+    last
+}
+
 fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, host: Option<HeaderValue>) {
     let ip = peer.ip().to_canonical();
     let xff = match (trusted, h.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
@@ -206,6 +223,7 @@ async fn forward(
 
     // The request that goes upstream: same method, origin-form target, headers re-made.
     let trusted = is_trusted(&listener_cfg.trusted_proxies, cx.peer.ip().to_canonical());
+    let client_ip = if trusted { client_behind_proxies(&req.headers, &listener_cfg.trusted_proxies) } else { None }.unwrap_or(cx.peer.ip());
     let bytes_in = Arc::new(AtomicU64::new(0));
     let mut out = Request::new(ReqBody::new(body, bytes_in.clone()));
     *out.method_mut() = req.method.clone();
@@ -219,7 +237,10 @@ async fn forward(
     }
     *out.headers_mut() = headers;
 
-    let (resp, guard, sender, backend_addr) = dispatch(upstream, out, cx).await?;
+    let (mut resp, guard, sender, backend_addr, set_cookie) = dispatch(upstream, out, cx, client_ip).await?;
+    if let Some(cookie) = set_cookie {
+        resp.headers_mut().append(header::SET_COOKIE, cookie);
+    }
 
     let log = access::enabled().then(|| AccessLog {
         client: cx.peer,
@@ -252,7 +273,8 @@ async fn dispatch(
     upstream: &Upstream,
     mut req: Request<ReqBody>,
     cx: &Arc<ConnCtx>,
-) -> Result<(Response<Incoming>, ConnGuard, Sender, SocketAddr), ProxyError> {
+    client: IpAddr,
+) -> Result<(Response<Incoming>, ConnGuard, Sender, SocketAddr, Option<HeaderValue>), ProxyError> {
     let tries = if upstream.cfg.tries == 0 { upstream.backends.len() } else { upstream.cfg.tries };
     let mut tried: Vec<usize> = Vec::new();
     let mut last_err: Option<ProxyError> = None;
@@ -260,12 +282,13 @@ async fn dispatch(
     while tried.len() < tries {
         let pick = upstream
             .balancer
-            .pick(&upstream.backends, &PickCtx { client: cx.peer.ip(), headers: req.headers(), tried: &tried, now_ms: now_ms() });
-        let i = match pick {
-            Ok(i) => i,
+            .pick(&upstream.backends, &PickCtx { client, headers: req.headers(), uri: req.uri(), tried: &tried, now_ms: now_ms() });
+        let picked = match pick {
+            Ok(p) => p,
             Err(NoPick::Full) if last_err.is_none() => return Err(ProxyError::AllFull { upstream: upstream.name().to_string() }),
             Err(_) => break,
         };
+        let i = picked.index;
         tried.push(i);
         let backend = &upstream.backends[i];
         let Some(guard) = backend.state.try_acquire(backend.cfg.max_conns) else { continue };
@@ -290,7 +313,8 @@ async fn dispatch(
             match upstream::send(&mut s, req, addr, timeouts.response_header).await {
                 Ok(resp) => {
                     backend.state.record_success();
-                    return Ok((resp, guard, s, addr));
+                    let cookie = if picked.set_cookie { upstream.balancer.set_cookie(i, cx.tls).cloned() } else { None };
+                    return Ok((resp, guard, s, addr, cookie));
                 }
                 Err(Ok(back)) => {
                     // The pooled connection was closed under us; the request never left.

@@ -50,6 +50,9 @@ pub(super) struct FileRoute {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileUpstream {
     pub balance: Option<Spanned<String>>,
+    pub ip_hash: Option<Spanned<FileIpHash>>,
+    pub cookie: Option<Spanned<FileCookie>>,
+    pub hash: Option<Spanned<FileHash>>,
     pub keepalive: Option<Spanned<i64>>,
     pub tries: Option<Spanned<i64>>,
     pub servers: Option<Spanned<Vec<Spanned<FileServer>>>>,
@@ -74,4 +77,29 @@ pub(super) struct FileServer {
     pub backup: Option<bool>,
     pub down: Option<bool>,
     pub max_conns: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileIpHash {
+    pub mode: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCookie {
+    pub name: Option<Spanned<String>>,
+    pub secret: Option<Spanned<String>>,
+    pub max_age: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub domain: Option<Spanned<String>>,
+    pub same_site: Option<Spanned<String>>,
+    pub fallback: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHash {
+    pub key: Spanned<String>,
+    pub bounded_load: Option<Spanned<f64>>,
 }

@@ -96,9 +96,100 @@ pub struct RouteConfig {
     pub upstream: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How an upstream spreads requests and tunnels over its servers (`balance = "..."`).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Balance {
+    /// nginx's smooth weighted round-robin.
     RoundRobin,
+    /// Weighted least connections (load / weight), ties broken round-robin.
+    LeastConn,
+    /// Power of two choices: two weighted-random servers, the less loaded wins (`random_two`).
+    P2c,
+    /// The client address picks the server.
+    IpHash(IpHashMode),
+    /// Sticky by cookie; requests without a valid cookie go through `fallback`.
+    Cookie(CookieConfig),
+    /// Consistent hash of a request key, with bounded load.
+    Hash(HashConfig),
+}
+
+impl Balance {
+    /// The name as written in the config file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::P2c => "p2c",
+            Balance::IpHash(_) => "ip_hash",
+            Balance::Cookie(_) => "cookie",
+            Balance::Hash(_) => "hash",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpHashMode {
+    /// Consistent hash of the whole address on a ring: adding or removing one of N servers
+    /// moves about 1/N of the clients.
+    Consistent,
+    /// nginx's `ip_hash`: the first three octets of an IPv4 address (the whole IPv6 address),
+    /// nginx's hash and weighted modulo, so the same clients reach the same servers as there.
+    Nginx,
+}
+
+/// The balancer a cookie-sticky upstream uses for requests without a valid cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    RoundRobin,
+    LeastConn,
+    P2c,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+/// `[upstream.NAME.cookie]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CookieConfig {
+    /// Default `tg_srv`.
+    pub name: String,
+    /// When set, server ids are signed (HMAC-SHA256) so clients cannot choose a server.
+    pub secret: Option<String>,
+    /// `Max-Age`; a session cookie when absent.
+    pub max_age: Option<Duration>,
+    /// Default `/`.
+    pub path: String,
+    pub domain: Option<String>,
+    /// Default `Lax`.
+    pub same_site: SameSite,
+    /// Default `least_conn`.
+    pub fallback: Fallback,
+}
+
+/// Where a `hash` upstream takes its key from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lower-cased name).
+    Header(String),
+    Cookie(String),
+    /// A query-string parameter, compared raw (not percent-decoded).
+    Query(String),
+    Path,
+    /// The client address (as for ip_hash), hashed as its text form.
+    Ip,
+}
+
+/// `[upstream.NAME.hash]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashConfig {
+    pub key: HashKey,
+    /// A server above `bounded_load` × the average load is passed over for the next one on the
+    /// ring; 0 turns it off. Default 1.25.
+    pub bounded_load: f64,
 }
 
 #[derive(Debug, Clone)]

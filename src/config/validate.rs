@@ -8,16 +8,20 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{FileConfig, FileListener, FileListenerTimeouts, FileRoute, FileServer, FileUpstream, FileUpstreamTimeouts};
+use super::file::{
+    FileConfig, FileCookie, FileHash, FileIpHash, FileListener, FileListenerTimeouts, FileRoute, FileServer, FileUpstream,
+    FileUpstreamTimeouts,
+};
 use super::{
-    Balance, Cidr, Config, ConfigError, ConfigErrors, HostMatch, ListenerConfig, ListenerMode, ListenerTimeouts, RouteConfig, ServerConfig,
-    UpstreamConfig, UpstreamTimeouts, parse_duration,
+    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, Fallback, HashConfig, HashKey, HostMatch, IpHashMode, ListenerConfig,
+    ListenerMode, ListenerTimeouts, RouteConfig, SameSite, ServerConfig, UpstreamConfig, UpstreamTimeouts, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_KEEPALIVE: usize = 32;
 const DEFAULT_MAX_FAILS: u32 = 1;
 const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BOUNDED_LOAD: f64 = 1.25;
 
 /// Parses and validates `text`; `path` is only used in messages.
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
@@ -220,7 +224,7 @@ impl Ctx<'_> {
     }
 
     fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
-        let FileUpstream { balance, keepalive, tries, servers, timeouts } = u;
+        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts } = u;
         let n = name.get_ref();
         if n.is_empty() {
             self.error_at(&name, "upstream name must not be empty; expected letters, digits, '_', '.' or '-'");
@@ -229,16 +233,7 @@ impl Ctx<'_> {
             self.error_at(&name, msg);
         }
 
-        let balance = match balance {
-            None => Balance::RoundRobin,
-            Some(b) => {
-                if b.get_ref() != "round_robin" {
-                    let msg = format!("unknown balance {:?}; expected one of: round_robin", b.get_ref());
-                    self.error_at(&b, msg);
-                }
-                Balance::RoundRobin
-            }
-        };
+        let balance = self.balance(n, balance, ip_hash, cookie, hash);
         let keepalive = keepalive
             .and_then(|k| self.int(&k, "keepalive", 0, usize::MAX as u64))
             .map_or(DEFAULT_KEEPALIVE, |k| usize::try_from(k).unwrap_or(DEFAULT_KEEPALIVE));
@@ -286,6 +281,184 @@ impl Ctx<'_> {
         }
 
         UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries }
+    }
+
+    /// `balance` and the tables that refine it; a table for another algorithm is an error.
+    fn balance(
+        &mut self,
+        upstream: &str,
+        balance: Option<Spanned<String>>,
+        ip_hash: Option<Spanned<FileIpHash>>,
+        cookie: Option<Spanned<FileCookie>>,
+        hash: Option<Spanned<FileHash>>,
+    ) -> Balance {
+        const NAMES: &str = "round_robin, least_conn, p2c (or random_two), ip_hash, cookie, hash";
+        let name = balance.as_ref().map_or("round_robin", |b| b.get_ref().as_str());
+        let balance_span = balance.as_ref().map(|b| b.span().start);
+        let result = match name {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "p2c" | "random_two" => Balance::P2c,
+            "ip_hash" => Balance::IpHash(IpHashMode::Consistent),
+            "cookie" => Balance::Cookie(CookieConfig {
+                name: "tg_srv".into(),
+                secret: None,
+                max_age: None,
+                path: "/".into(),
+                domain: None,
+                same_site: SameSite::Lax,
+                fallback: Fallback::LeastConn,
+            }),
+            "hash" => Balance::Hash(HashConfig { key: HashKey::Ip, bounded_load: DEFAULT_BOUNDED_LOAD }),
+            other => {
+                self.error(balance_span, format!("unknown balance {other:?} in upstream {upstream:?}; expected one of: {NAMES}"));
+                Balance::RoundRobin
+            }
+        };
+        let known = matches!(name, "round_robin" | "least_conn" | "p2c" | "random_two" | "ip_hash" | "cookie" | "hash");
+        let misplaced = |table: &str, wants: &str| {
+            format!("[upstream.{upstream}.{table}] only applies with balance = {wants:?}, but balance is {name:?}")
+        };
+        match result {
+            Balance::IpHash(_) => {
+                if let Some(t) = ip_hash {
+                    let FileIpHash { mode } = t.into_inner();
+                    if let Some(m) = mode {
+                        match m.get_ref().as_str() {
+                            "consistent" => {}
+                            "nginx" => return self.reject_tables(upstream, name, cookie, hash, Balance::IpHash(IpHashMode::Nginx)),
+                            other => {
+                                self.error_at(&m, format!(r#"unknown ip_hash mode {other:?}; expected "consistent" (default) or "nginx""#))
+                            }
+                        }
+                    }
+                }
+                self.reject_tables(upstream, name, cookie, hash, result)
+            }
+            Balance::Cookie(mut c) => {
+                if let Some(t) = cookie {
+                    let FileCookie { name: cname, secret, max_age, path, domain, same_site, fallback } = t.into_inner();
+                    if let Some(n) = cname {
+                        if n.get_ref().is_empty() || !n.get_ref().bytes().all(is_cookie_name_byte) {
+                            self.error_at(
+                                &n,
+                                format!("invalid cookie name {:?}: expected letters, digits and !#$%&'*+-.^_`|~", n.get_ref()),
+                            );
+                        }
+                        c.name = n.into_inner();
+                    }
+                    if let Some(s) = secret {
+                        if s.get_ref().len() < 16 {
+                            self.error_at(&s, "cookie secret must be at least 16 characters");
+                        }
+                        c.secret = Some(s.into_inner());
+                    }
+                    if let Some(m) = max_age {
+                        c.max_age = Some(self.duration(Some(&m), "max_age", Duration::from_secs(3600)));
+                    }
+                    if let Some(p) = path {
+                        if !p.get_ref().starts_with('/') || !p.get_ref().bytes().all(is_cookie_attr_byte) {
+                            self.error_at(&p, format!("invalid cookie path {:?}: expected a path starting with \"/\"", p.get_ref()));
+                        }
+                        c.path = p.into_inner();
+                    }
+                    if let Some(d) = domain {
+                        if d.get_ref().is_empty() || !d.get_ref().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                            self.error_at(
+                                &d,
+                                format!("invalid cookie domain {:?}: expected a host name like \"example.com\"", d.get_ref()),
+                            );
+                        }
+                        c.domain = Some(d.into_inner());
+                    }
+                    if let Some(s) = same_site {
+                        c.same_site = match s.get_ref().to_ascii_lowercase().as_str() {
+                            "lax" => SameSite::Lax,
+                            "strict" => SameSite::Strict,
+                            "none" => SameSite::None,
+                            _ => {
+                                self.error_at(&s, format!(r#"invalid same_site {:?}; expected "lax", "strict" or "none""#, s.get_ref()));
+                                SameSite::Lax
+                            }
+                        };
+                    }
+                    if let Some(f) = fallback {
+                        c.fallback = match f.get_ref().as_str() {
+                            "round_robin" => Fallback::RoundRobin,
+                            "least_conn" => Fallback::LeastConn,
+                            "p2c" | "random_two" => Fallback::P2c,
+                            other => {
+                                self.error_at(
+                                    &f,
+                                    format!("invalid cookie fallback {other:?}; expected one of: round_robin, least_conn, p2c"),
+                                );
+                                Fallback::LeastConn
+                            }
+                        };
+                    }
+                }
+                if let Some(t) = ip_hash {
+                    self.error_at(&t, misplaced("ip_hash", "ip_hash"));
+                }
+                if let Some(t) = hash {
+                    self.error_at(&t, misplaced("hash", "hash"));
+                }
+                Balance::Cookie(c)
+            }
+            Balance::Hash(mut h) => {
+                match hash {
+                    None => self.error(
+                        balance_span,
+                        format!(r#"balance = "hash" needs [upstream.{upstream}.hash] with a key, e.g. key = "header:X-User-Id""#),
+                    ),
+                    Some(t) => {
+                        let FileHash { key, bounded_load } = t.into_inner();
+                        match parse_hash_key(key.get_ref()) {
+                            Ok(k) => h.key = k,
+                            Err(e) => self.error_at(&key, e),
+                        }
+                        if let Some(b) = bounded_load {
+                            let v = *b.get_ref();
+                            if v == 0.0 || (v.is_finite() && v >= 1.0) {
+                                h.bounded_load = v;
+                            } else {
+                                self.error_at(&b, format!("bounded_load must be 0 (off) or at least 1.0, got {v}"));
+                            }
+                        }
+                    }
+                }
+                if let Some(t) = ip_hash {
+                    self.error_at(&t, misplaced("ip_hash", "ip_hash"));
+                }
+                if let Some(t) = cookie {
+                    self.error_at(&t, misplaced("cookie", "cookie"));
+                }
+                Balance::Hash(h)
+            }
+            other => {
+                if known && let Some(t) = ip_hash {
+                    self.error_at(&t, misplaced("ip_hash", "ip_hash"));
+                }
+                if known { self.reject_tables(upstream, name, cookie, hash, other) } else { other }
+            }
+        }
+    }
+
+    fn reject_tables(
+        &mut self,
+        upstream: &str,
+        name: &str,
+        cookie: Option<Spanned<FileCookie>>,
+        hash: Option<Spanned<FileHash>>,
+        result: Balance,
+    ) -> Balance {
+        if let Some(t) = cookie {
+            self.error_at(&t, format!(r#"[upstream.{upstream}.cookie] only applies with balance = "cookie", but balance is {name:?}"#));
+        }
+        if let Some(t) = hash {
+            self.error_at(&t, format!(r#"[upstream.{upstream}.hash] only applies with balance = "hash", but balance is {name:?}"#));
+        }
+        result
     }
 
     fn server(&mut self, s: FileServer, seen: &mut BTreeMap<SocketAddr, usize>) -> Option<ServerConfig> {
@@ -398,7 +571,10 @@ fn rewrite_serde_message(msg: &str) -> String {
         let fields: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         let table = match fields.first().copied() {
             Some("shutdown_timeout") => "at top level",
+            Some("name") if fields.get(1) == Some(&"secret") => "in upstream cookie",
             Some("name") => "in [[listener]]",
+            Some("mode") => "in upstream ip_hash",
+            Some("key") => "in upstream hash",
             Some("header_read") => "in listener timeouts",
             Some("host") => "in [[listener.route]]",
             Some("balance") => "in upstream",
@@ -616,7 +792,7 @@ servers = [
         assert_eq!(l.routes[0].upstream, 0);
         assert_eq!(l.routes[0].host, None);
         let u = &c.upstreams[0];
-        assert_eq!((u.keepalive, u.tries, u.balance), (32, 0, Balance::RoundRobin));
+        assert_eq!((u.keepalive, u.tries, u.balance.clone()), (32, 0, Balance::RoundRobin));
         assert_eq!(u.timeouts, UpstreamTimeouts::default());
         let s = &u.servers[0];
         assert_eq!(
@@ -842,7 +1018,7 @@ timeouts = { header_read = "-1s" }
 name = "b"
 bind = "127.0.0.1:1"
 [upstream."bad name"]
-balance = "least_conn"
+balance = "fastest"
 keepalive = -1
 tries = -2
 servers = [
@@ -870,7 +1046,10 @@ servers = [{ addr = "127.0.0.1:1", down = true }]
             (11, r#"unknown upstream "missing"; defined upstreams: bad name, allbackup, alldown"#),
             (12, r#"listener "b" (line 12) has no routes"#),
             (15, r#"invalid upstream name "bad name""#),
-            (16, r#"unknown balance "least_conn"; expected one of: round_robin"#),
+            (
+                16,
+                r#"unknown balance "fastest" in upstream "bad name"; expected one of: round_robin, least_conn, p2c (or random_two), ip_hash, cookie, hash"#,
+            ),
             (17, "keepalive must be 0 or more"),
             (18, "tries must be 0 or more"),
             (20, "weight must be at least 1"),
@@ -961,5 +1140,36 @@ servers = [{ addr = "127.0.0.1:1", down = true }]
         let text = format!("# ééé\nshutdown_timeout = \"é\"\n{GOOD}");
         let (line, col, _) = one_err(&text);
         assert_eq!((line, col), (2, 20));
+    }
+}
+
+/// RFC 6265 cookie-name (an HTTP token).
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Bytes allowed in a cookie attribute value we write (no `;`, no controls, no spaces).
+fn is_cookie_attr_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b';' && b != b','
+}
+
+/// `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or `ip`.
+fn parse_hash_key(raw: &str) -> Result<HashKey, String> {
+    const EXPECTED: &str = r#"expected "header:NAME", "cookie:NAME", "query:NAME", "path" or "ip""#;
+    let (kind, arg) = match raw.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (raw, None),
+    };
+    let need_arg = |a: Option<&str>| match a {
+        Some(a) if !a.is_empty() && a.bytes().all(is_cookie_name_byte) => Ok(a.to_string()),
+        _ => Err(format!("invalid hash key {raw:?}: {kind}: needs a name; {EXPECTED}")),
+    };
+    match (kind, arg) {
+        ("header", a) => need_arg(a).map(|n| HashKey::Header(n.to_ascii_lowercase())),
+        ("cookie", a) => need_arg(a).map(HashKey::Cookie),
+        ("query", a) => need_arg(a).map(HashKey::Query),
+        ("path", None) => Ok(HashKey::Path),
+        ("ip", None) => Ok(HashKey::Ip),
+        _ => Err(format!("invalid hash key {raw:?}; {EXPECTED}")),
     }
 }
