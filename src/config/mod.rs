@@ -183,6 +183,18 @@ pub enum HashKey {
     Ip,
 }
 
+impl fmt::Display for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashKey::Header(n) => write!(f, "header:{n}"),
+            HashKey::Cookie(n) => write!(f, "cookie:{n}"),
+            HashKey::Query(n) => write!(f, "query:{n}"),
+            HashKey::Path => f.write_str("path"),
+            HashKey::Ip => f.write_str("ip"),
+        }
+    }
+}
+
 /// `[upstream.NAME.hash]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HashConfig {

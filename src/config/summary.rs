@@ -48,7 +48,7 @@ fn write_summary(out: &mut String, c: &Config) -> std::fmt::Result {
         let balance = match &u.balance {
             Balance::IpHash(super::IpHashMode::Nginx) => "ip_hash (nginx mode)".to_string(),
             Balance::Cookie(c) => format!("cookie {:?}{}", c.name, if c.secret.is_some() { " (signed)" } else { "" }),
-            Balance::Hash(h) => format!("hash {:?} bounded_load {}", h.key, h.bounded_load),
+            Balance::Hash(h) => format!("hash key {} bounded_load {}", h.key, h.bounded_load),
             other => other.name().to_string(),
         };
         let tries = if u.tries == 0 { "0 (every server once)".to_string() } else { u.tries.to_string() };
