@@ -53,7 +53,8 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(true).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn load(path: &std::path::Path) -> Option<tidegate::config::Config> {
@@ -105,7 +106,7 @@ async fn run(path: PathBuf) -> ExitCode {
     match tidegate::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, cause = %std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default(), "cannot start");
+            eprintln!("tidegate: cannot start: {e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
             ExitCode::FAILURE
         }
     }

@@ -177,24 +177,32 @@ impl Half {
     }
 }
 
-/// Reads and drops whatever a peer still sends, so closing its socket does not reset it.
-fn poll_discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>, eof: &mut bool) -> Poll<()> {
-    while !*eof {
+/// Reads and drops what the client still sends after our close frame, until its own close
+/// frame has arrived (it then waits for us to close the TCP connection, RFC 6455 §7.1.1)
+/// or it closed; so closing its socket does not reset it.
+fn poll_discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>, frames: &mut FrameTracker, closes: u32) -> Poll<()> {
+    loop {
+        if frames.closes_seen() > closes || frames.is_lost() {
+            return Poll::Ready(());
+        }
         let res = SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let mut buf = ReadBuf::new(&mut s[..]);
             match r.as_mut().poll_read(cx, &mut buf) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => Poll::Ready(false),
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    frames.advance(buf.filled());
+                    Poll::Ready(false)
+                }
                 Poll::Ready(_) => Poll::Ready(true),
             }
         });
         match res {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(e) => *eof = e,
+            Poll::Ready(true) => return Poll::Ready(()),
+            Poll::Ready(false) => {}
         }
     }
-    Poll::Ready(())
 }
 
 /// Relays until both sides close, an error, `idle` with no byte, or `shutdown` (then both
@@ -216,6 +224,8 @@ where
     let mut s2c = Half::with_initial(server_early);
     let mut last = Instant::now();
     let mut closing: Option<u16> = None;
+    // Client close frames seen when we started closing: one more means the client answered.
+    let mut client_closes = 0;
     let mut idle_timer = pin!(tokio::time::sleep(idle));
     let mut shutdown_wait = pin!(shutdown.cancelled());
 
@@ -223,6 +233,7 @@ where
         loop {
             if closing.is_none() && shutdown_wait.as_mut().poll(cx).is_ready() {
                 closing = Some(close_code);
+                client_closes = c2s.frames.closes_seen();
                 idle_timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());
             }
             let mut active = false;
@@ -253,8 +264,8 @@ where
     .await;
     if end == TunnelEnd::Shutdown {
         // The client answers our close frame with its own; read it so our close is clean.
-        let mut eof = false;
-        let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| poll_discard(cx, Pin::new(&mut client), &mut eof))).await;
+        let frames = &mut c2s.frames;
+        let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| poll_discard(cx, Pin::new(&mut client), frames, client_closes))).await;
     }
     TunnelStats { client_to_server: c2s.bytes, server_to_client: s2c.bytes, end }
 }

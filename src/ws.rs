@@ -44,12 +44,27 @@ pub struct FrameTracker {
     in_payload: bool,
     /// The stream is not valid WebSocket framing; boundaries are unknown from here on.
     lost: bool,
+    /// Opcode of the frame being read.
+    opcode: u8,
+    /// Close frames seen complete so far.
+    closes: u32,
 }
 
 impl FrameTracker {
     /// True when the next byte would start a new frame.
     pub fn at_boundary(&self) -> bool {
         !self.lost && !self.in_payload && self.have == 0
+    }
+
+    /// How many complete close frames have passed.
+    pub fn closes_seen(&self) -> u32 {
+        self.closes
+    }
+
+    fn frame_done(&mut self) {
+        if self.opcode == 0x8 {
+            self.closes += 1;
+        }
     }
 
     /// True when framing could not be followed (a reserved length, say).
@@ -96,6 +111,7 @@ impl FrameTracker {
                 data = &data[take as usize..];
                 if self.remaining == 0 {
                     self.in_payload = false;
+                    self.frame_done();
                 }
                 continue;
             }
@@ -114,6 +130,10 @@ impl FrameTracker {
                 self.have = 0;
                 self.remaining = len;
                 self.in_payload = len > 0;
+                self.opcode = self.header[0] & 0x0f;
+                if len == 0 {
+                    self.frame_done();
+                }
             }
         }
     }
@@ -168,6 +188,16 @@ mod tests {
             assert!(t.at_boundary(), "chunk {chunk}");
             assert!(boundaries >= 1);
         }
+    }
+
+    #[test]
+    fn counts_close_frames() {
+        let mut t = FrameTracker::default();
+        t.advance(&frame(3, true));
+        t.advance(&close_frame(1000, Some([1, 2, 3, 4])));
+        assert_eq!(t.closes_seen(), 1);
+        t.advance(&[0x88, 0x00]);
+        assert_eq!(t.closes_seen(), 2);
     }
 
     #[test]
