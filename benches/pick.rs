@@ -71,6 +71,7 @@ fn bench(c: &mut Criterion) {
                 timeouts: Default::default(),
                 keepalive: 0,
                 tries: 0,
+                tls: None,
             };
             let bal = Balancer::new(&cfg, &backends);
             let mut headers = HeaderMap::new();

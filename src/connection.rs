@@ -30,40 +30,47 @@ pub const MAX_HEADERS: usize = 100;
 #[derive(Debug)]
 pub enum ClientStream {
     Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ClientStream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ClientStream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
 }
 
 impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-        }
+        delegate!(self, s => s.poll_flush(cx))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        delegate!(self, s => s.poll_shutdown(cx))
     }
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             ClientStream::Tcp(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -189,12 +196,30 @@ pub struct ConnCtx {
     pub phase: Arc<ConnPhase>,
 }
 
+/// What a listener hands each accepted connection.
+#[derive(Clone)]
+pub struct ListenerSetup {
+    pub index: usize,
+    pub timeouts: ListenerTimeouts,
+    pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+}
+
 /// Serves one accepted client connection until it closes or shutdown finishes it.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, listener: usize, shared: Arc<Shared>, timeouts: ListenerTimeouts) {
+pub async fn serve(stream: TcpStream, peer: SocketAddr, setup: ListenerSetup, shared: Arc<Shared>) {
+    let ListenerSetup { index: listener, timeouts, tls } = setup;
     let phase = Arc::new(ConnPhase::new());
-    let io = TimedIo::new(ClientStream::Tcp(stream), phase.clone(), timeouts);
+    let stream = match tls {
+        None => ClientStream::Tcp(stream),
+        Some((acceptor, deadline)) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+            Ok(Err(e)) => return tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+            Err(_) => return tracing::debug!(peer = %peer, "TLS handshake timed out"),
+        },
+    };
+    let is_tls = matches!(stream, ClientStream::Tls(_));
+    let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, peer, tls: false, phase });
+    let cx = Arc::new(ConnCtx { shared, listener, peer, tls: is_tls, phase });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }

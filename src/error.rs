@@ -21,6 +21,12 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
+    #[error("TLS handshake with {addr} failed")]
+    UpstreamTls {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("connect to {addr} timed out")]
     ConnectTimeout { addr: SocketAddr },
     #[error("handshake with {addr} failed")]
@@ -50,6 +56,7 @@ impl ProxyError {
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoServer { .. }
             | ProxyError::Connect { .. }
+            | ProxyError::UpstreamTls { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::BadUpgrade { .. } => StatusCode::BAD_GATEWAY,

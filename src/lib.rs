@@ -16,6 +16,7 @@ pub mod listener;
 pub mod proxy;
 pub mod route;
 pub mod runtime;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;
 pub mod ws;
@@ -43,6 +44,8 @@ pub struct Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{0}")]
+    Setup(String),
     #[error("listener {name:?}: cannot bind {addr}")]
     Bind {
         name: String,
@@ -67,7 +70,10 @@ impl Server {
             bound.push(b);
         }
         let registry = Registry::default();
-        let runtime = Runtime::build(config, &registry);
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let runtime = Runtime::build(config, &registry).map_err(StartError::Setup)?;
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             registry,

@@ -48,10 +48,8 @@ pub async fn accept_loop(bound: Bound, shared: Arc<Shared>) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let rt = shared.runtime.load();
-                let timeouts = rt.config.listeners[index].timeouts;
-                drop(rt);
-                shared.tasks.spawn(crate::connection::serve(stream, peer, index, shared.clone(), timeouts));
+                let setup = shared.runtime.load().listeners[index].setup.clone();
+                shared.tasks.spawn(crate::connection::serve(stream, peer, setup, shared.clone()));
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed");

@@ -71,6 +71,9 @@ fn load(path: &std::path::Path) -> Option<tidegate::config::Config> {
 fn check(path: &std::path::Path) -> ExitCode {
     match load(path) {
         Some(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", tidegate::config::summary(&c));
             ExitCode::SUCCESS
         }

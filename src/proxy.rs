@@ -298,7 +298,7 @@ async fn dispatch(
         loop {
             let mut s = match sender.take() {
                 Some(s) => s,
-                None => match upstream::connect(addr, timeouts.connect).await {
+                None => match upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref()).await {
                     Ok(s) => s,
                     Err(e) => {
                         if backend.state.record_failure(&backend.cfg, now_ms()) {
@@ -377,9 +377,9 @@ fn start_tunnel(
             Ok(p) => (p.io.into_inner().into_inner(), p.read_buf),
             Err(_) => return tracing::error!("client upgrade is not a tidegate stream"),
         };
-        let (server, server_early) = match server.downcast::<hyper_util::rt::TokioIo<tokio::net::TcpStream>>() {
+        let (server, server_early) = match server.downcast::<upstream::UpgradedUpstream>() {
             Ok(p) => (p.io.into_inner(), p.read_buf),
-            Err(_) => return tracing::error!("server upgrade is not a TCP stream"),
+            Err(_) => return tracing::error!("server upgrade is not a tidegate upstream stream"),
         };
         let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, &shutdown, ws::CLOSE_GOING_AWAY).await;
         drop(guard);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::balancer::Balancer;
 use crate::config::{Config, ServerConfig, UpstreamConfig};
+use crate::connection::ListenerSetup;
 use crate::route::Router;
 use crate::upstream::Pool;
 
@@ -170,9 +171,16 @@ impl Upstream {
     }
 }
 
-#[derive(Debug)]
 pub struct ListenerRuntime {
     pub router: Router,
+    /// What each accepted connection needs: timeouts and the TLS acceptor.
+    pub setup: ListenerSetup,
+}
+
+impl std::fmt::Debug for ListenerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerRuntime").field("router", &self.router).field("tls", &self.setup.tls.is_some()).finish()
+    }
 }
 
 /// An immutable snapshot built from one validated config.
@@ -185,7 +193,7 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn build(config: Config, registry: &Registry) -> Runtime {
+    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, String> {
         let upstreams = config
             .upstreams
             .iter()
@@ -202,7 +210,17 @@ impl Runtime {
                 Upstream { cfg: u.clone(), backends, balancer }
             })
             .collect();
-        let listeners = config.listeners.iter().map(|l| ListenerRuntime { router: Router::new(&l.routes) }).collect();
-        Runtime { shutdown_timeout: config.shutdown_timeout, config: Arc::new(config), listeners, upstreams }
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (index, l) in config.listeners.iter().enumerate() {
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => {
+                    let server = crate::tls::server_config(t).map_err(|e| format!("listener {:?}: {e}", l.name))?;
+                    Some((tokio_rustls::TlsAcceptor::from(server), t.handshake_timeout))
+                }
+            };
+            listeners.push(ListenerRuntime { router: Router::new(&l.routes), setup: ListenerSetup { index, timeouts: l.timeouts, tls } });
+        }
+        Ok(Runtime { shutdown_timeout: config.shutdown_timeout, config: Arc::new(config), listeners, upstreams })
     }
 }

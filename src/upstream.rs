@@ -1,6 +1,7 @@
 //! Connections to backends: connect with a deadline, a bounded keep-alive pool per backend,
 //! and sending one request with the response-header deadline.
 
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +16,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::config::UpstreamTls;
 
 use crate::error::ProxyError;
 
@@ -63,15 +67,80 @@ impl Pool {
     }
 }
 
-/// Opens a new HTTP/1.1 connection to `addr`. The connection task is spawned; upgrades are on
-/// so a `101` hands the socket to the tunnel.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ProxyError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// A connection to a backend: plain TCP, or TLS when the upstream re-encrypts.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpstreamStream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpstreamStream::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The type hyper's client upgrade hands back.
+pub type UpgradedUpstream = TokioIo<UpstreamStream>;
+
+/// Opens a new HTTP/1.1 connection to `addr` (TLS when `tls` is set), all within `timeout`.
+/// The connection task is spawned; upgrades are on so a `101` hands the socket to the tunnel.
+pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<Sender, ProxyError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
         Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
     };
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        None => UpstreamStream::Tcp(stream),
+        Some(t) => {
+            let connector = tokio_rustls::TlsConnector::from(t.client.clone());
+            let name = crate::tls::server_name(t.sni.as_deref(), addr);
+            match tokio::time::timeout_at(deadline, connector.connect(name, stream)).await {
+                Ok(Ok(s)) => UpstreamStream::Tls(Box::new(s)),
+                Ok(Err(source)) => return Err(ProxyError::UpstreamTls { addr, source }),
+                Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
+            }
+        }
+    };
     let (sender, conn) = http1::Builder::new()
         .max_buf_size(256 * 1024)
         .handshake(TokioIo::new(stream))

@@ -89,6 +89,7 @@ fn picks_do_not_allocate() {
             timeouts: Default::default(),
             keepalive: 0,
             tries: 0,
+            tls: None,
         };
         let bal = Balancer::new(&cfg, &backends);
         // Warm thread-locals (the p2c generator) outside the counted region.

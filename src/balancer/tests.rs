@@ -32,7 +32,7 @@ fn backends(spec: &[(u32, bool)]) -> Vec<Backend> {
 }
 
 fn cfg(balance: Balance) -> UpstreamConfig {
-    UpstreamConfig { name: "u".into(), balance, servers: vec![], timeouts: Default::default(), keepalive: 0, tries: 0 }
+    UpstreamConfig { name: "u".into(), balance, servers: vec![], timeouts: Default::default(), keepalive: 0, tries: 0, tls: None }
 }
 
 fn uri() -> &'static Uri {

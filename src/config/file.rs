@@ -27,8 +27,35 @@ pub(super) struct FileListener {
     pub mode: Option<Spanned<String>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     pub timeouts: Option<FileListenerTimeouts>,
+    pub tls: Option<Spanned<FileListenerTls>>,
     #[serde(default)]
     pub route: Vec<Spanned<FileRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileListenerTls {
+    pub certificates: Spanned<Vec<Spanned<FileCert>>>,
+    pub min_version: Option<Spanned<String>>,
+    pub alpn: Option<Vec<Spanned<String>>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCert {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub default: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpstreamTls {
+    pub enabled: Option<bool>,
+    pub sni: Option<Spanned<String>>,
+    pub ca: Option<Spanned<String>>,
+    pub verify: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +84,7 @@ pub(super) struct FileUpstream {
     pub tries: Option<Spanned<i64>>,
     pub servers: Option<Spanned<Vec<Spanned<FileServer>>>>,
     pub timeouts: Option<FileUpstreamTimeouts>,
+    pub tls: Option<Spanned<FileUpstreamTls>>,
 }
 
 #[derive(Debug, Deserialize)]

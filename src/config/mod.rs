@@ -41,6 +41,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// In file order; routes refer to them by index.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Problems that do not stop the config from loading (a certificate near expiry,
+    /// `verify = false`): printed by `check`, logged at every load.
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Config {
@@ -64,6 +67,45 @@ pub struct ListenerConfig {
     pub timeouts: ListenerTimeouts,
     /// Peers whose `X-Forwarded-For` is appended to rather than replaced.
     pub trusted_proxies: Vec<Cidr>,
+    /// TLS termination (`[listener.tls]`); plain HTTP when absent.
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// `[listener.tls]`, with its certificates loaded and checked.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub certificates: Vec<TlsCert>,
+    /// Default "1.2".
+    pub min_version: TlsVersion,
+    /// Default `["http/1.1"]`.
+    pub alpn: Vec<String>,
+    /// Default 10s.
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Served when SNI matches no certificate, or is absent. Default: the first certificate.
+    pub default: bool,
+    pub loaded: crate::tls::LoadedCert,
+}
+
+/// `[upstream.NAME.tls]`: re-encrypt to the servers.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// Name sent as SNI and verified; default the server's IP address.
+    pub sni: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub verify: bool,
+    pub client: std::sync::Arc<rustls::ClientConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +256,8 @@ pub struct UpstreamConfig {
     pub keepalive: usize,
     /// How many servers one request may try on connect failure (`tries`; 0, the default, means every server once).
     pub tries: usize,
+    /// TLS to the servers; plain TCP when absent.
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

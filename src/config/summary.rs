@@ -28,6 +28,23 @@ fn write_summary(out: &mut String, c: &Config) -> std::fmt::Result {
             format_duration(l.timeouts.header_read),
             format_duration(l.timeouts.keepalive_idle)
         )?;
+        if let Some(t) = &l.tls {
+            let min = match t.min_version {
+                super::TlsVersion::V1_2 => "1.2",
+                super::TlsVersion::V1_3 => "1.3",
+            };
+            writeln!(
+                out,
+                "  tls: min_version {min}, alpn {}, handshake_timeout {}",
+                t.alpn.join(","),
+                format_duration(t.handshake_timeout)
+            )?;
+            for c in &t.certificates {
+                let names = if c.loaded.names.is_empty() { "(no DNS names)".to_string() } else { c.loaded.names.join(" ") };
+                let days = c.loaded.expires_in().map_or(String::new(), |s| format!(", expires in {} days", s / 86_400));
+                writeln!(out, "    certificate {} [{names}]{}{days}", c.cert.display(), if c.default { " default" } else { "" })?;
+            }
+        }
         if !l.trusted_proxies.is_empty() {
             let proxies: Vec<String> = l.trusted_proxies.iter().map(ToString::to_string).collect();
             writeln!(out, "  trusted_proxies: {}", proxies.join(", "))?;
@@ -53,6 +70,16 @@ fn write_summary(out: &mut String, c: &Config) -> std::fmt::Result {
         };
         let tries = if u.tries == 0 { "0 (every server once)".to_string() } else { u.tries.to_string() };
         let routed = c.listeners.iter().flat_map(|l| &l.routes).any(|r| r.upstream == i);
+        if let Some(t) = &u.tls {
+            writeln!(
+                out,
+                "upstream {:?} tls: sni {}, ca {}, verify {}",
+                u.name,
+                t.sni.as_deref().unwrap_or("(server address)"),
+                t.ca.as_ref().map_or("(system roots)".to_string(), |p| p.display().to_string()),
+                t.verify
+            )?;
+        }
         writeln!(
             out,
             "upstream {:?} balance {balance} keepalive {} tries {tries}{}",

@@ -9,12 +9,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    FileConfig, FileCookie, FileHash, FileIpHash, FileListener, FileListenerTimeouts, FileRoute, FileServer, FileUpstream,
-    FileUpstreamTimeouts,
+    FileCert, FileConfig, FileCookie, FileHash, FileIpHash, FileListener, FileListenerTimeouts, FileListenerTls, FileRoute, FileServer,
+    FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
 };
 use super::{
     Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, Fallback, HashConfig, HashKey, HostMatch, IpHashMode, ListenerConfig,
-    ListenerMode, ListenerTimeouts, RouteConfig, SameSite, ServerConfig, UpstreamConfig, UpstreamTimeouts, parse_duration,
+    ListenerMode, ListenerTimeouts, ListenerTls, RouteConfig, SameSite, ServerConfig, TlsCert, TlsVersion, UpstreamConfig,
+    UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,7 +26,7 @@ const DEFAULT_BOUNDED_LOAD: f64 = 1.25;
 
 /// Parses and validates `text`; `path` is only used in messages.
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut cx = Ctx { text, path, errors: Vec::new() };
+    let mut cx = Ctx { text, path, errors: Vec::new(), warnings: Vec::new() };
     let file: FileConfig = match toml::from_str(text) {
         Ok(file) => file,
         Err(e) => {
@@ -33,8 +34,14 @@ pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> 
             return Err(cx.finish());
         }
     };
-    let config = cx.config(file);
-    if cx.errors.is_empty() { Ok(config) } else { Err(cx.finish()) }
+    let mut config = cx.config(file);
+    if cx.errors.is_empty() {
+        let warnings = std::mem::take(&mut cx.warnings);
+        config.warnings = cx.located(warnings);
+        Ok(config)
+    } else {
+        Err(cx.finish())
+    }
 }
 
 /// Collects errors as (byte offset, message); `None` means "no location".
@@ -42,6 +49,7 @@ struct Ctx<'a> {
     text: &'a str,
     path: &'a Path,
     errors: Vec<(Option<usize>, String)>,
+    warnings: Vec<(Option<usize>, String)>,
 }
 
 impl Ctx<'_> {
@@ -57,9 +65,23 @@ impl Ctx<'_> {
         line_col(self.text, at.span().start).0
     }
 
+    fn warn_at<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        self.warnings.push((Some(at.span().start), message.into()));
+    }
+
+    /// A path from the config, relative to the config file's directory.
+    fn resolve_path(&self, p: &str) -> std::path::PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.path.parent().unwrap_or(Path::new("")).join(p) }
+    }
+
     fn finish(self) -> ConfigErrors {
-        let mut errors: Vec<ConfigError> = self
-            .errors
+        let errors = self.located(self.errors.clone());
+        ConfigErrors(errors)
+    }
+
+    fn located(&self, list: Vec<(Option<usize>, String)>) -> Vec<ConfigError> {
+        let mut errors: Vec<ConfigError> = list
             .into_iter()
             .map(|(offset, message)| {
                 let (line, col) = offset.map_or((0, 0), |o| line_col(self.text, o));
@@ -67,7 +89,7 @@ impl Ctx<'_> {
             })
             .collect();
         errors.sort_by_key(|e| (e.line, e.col));
-        ConfigErrors(errors)
+        errors
     }
 
     fn config(&mut self, file: FileConfig) -> Config {
@@ -92,7 +114,7 @@ impl Ctx<'_> {
             let l = self.listener(l, line, &names, &mut seen_names, &mut seen_binds);
             listeners.push(l);
         }
-        Config { source: self.path.to_path_buf(), shutdown_timeout, listeners, upstreams }
+        Config { source: self.path.to_path_buf(), shutdown_timeout, listeners, upstreams, warnings: Vec::new() }
     }
 
     fn listener(
@@ -104,7 +126,7 @@ impl Ctx<'_> {
         seen_binds: &mut Vec<(SocketAddr, String, usize)>,
     ) -> ListenerConfig {
         let header = l.span().start;
-        let FileListener { name, bind, mode, trusted_proxies, timeouts, route } = l.into_inner();
+        let FileListener { name, bind, mode, trusted_proxies, timeouts, tls, route } = l.into_inner();
 
         if name.get_ref().trim().is_empty() {
             self.error_at(&name, "listener name must not be empty");
@@ -187,7 +209,119 @@ impl Ctx<'_> {
         }
         let routes = route.into_iter().map(|r| self.route(r.into_inner(), upstream_names)).collect();
 
-        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies }
+        let tls = tls.map(|t| self.listener_tls(t));
+        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies, tls }
+    }
+
+    /// `[listener.tls]`: loads every certificate now, so `check` and a reload catch a missing,
+    /// unreadable or mismatched file before anything changes.
+    fn listener_tls(&mut self, t: Spanned<FileListenerTls>) -> ListenerTls {
+        let FileListenerTls { certificates, min_version, alpn, handshake_timeout } = t.into_inner();
+        let min_version = match min_version {
+            None => TlsVersion::V1_2,
+            Some(v) => match v.get_ref().as_str() {
+                "1.2" => TlsVersion::V1_2,
+                "1.3" => TlsVersion::V1_3,
+                other => {
+                    self.error_at(&v, format!(r#"invalid min_version {other:?}; expected "1.2" or "1.3""#));
+                    TlsVersion::V1_2
+                }
+            },
+        };
+        let alpn = match alpn {
+            None => vec!["http/1.1".to_string()],
+            Some(list) => {
+                for p in &list {
+                    if p.get_ref() != "http/1.1" {
+                        self.error_at(p, format!(r#"unsupported ALPN protocol {:?}; tidegate speaks "http/1.1""#, p.get_ref()));
+                    }
+                }
+                list.into_iter().map(Spanned::into_inner).collect()
+            }
+        };
+        let handshake_timeout = self.duration(handshake_timeout.as_ref(), "handshake_timeout", crate::tls::DEFAULT_HANDSHAKE_TIMEOUT);
+        if certificates.get_ref().is_empty() {
+            self.error_at(
+                &certificates,
+                r#"[listener.tls] needs at least one certificate, e.g. certificates = [{ cert = "tls/site.crt", key = "tls/site.key" }]"#,
+            );
+        }
+        let mut out = Vec::new();
+        let mut defaults = 0;
+        for c in certificates.into_inner() {
+            let FileCert { cert, key, default } = c.into_inner();
+            let default = default.unwrap_or(false);
+            if default {
+                defaults += 1;
+                if defaults > 1 {
+                    self.error_at(&cert, "only one certificate may be the default");
+                }
+            }
+            let (cert_path, key_path) = (self.resolve_path(cert.get_ref()), self.resolve_path(key.get_ref()));
+            match crate::tls::load_cert(&cert_path, &key_path) {
+                Ok(loaded) => {
+                    if let Some(left) = loaded.expires_in() {
+                        if left <= 0 {
+                            self.warn_at(&cert, format!("certificate {} has expired", cert_path.display()));
+                        } else if left < 14 * 86_400 {
+                            self.warn_at(&cert, format!("certificate {} expires in {} day(s)", cert_path.display(), left / 86_400));
+                        }
+                    }
+                    if loaded.names.is_empty() && !default {
+                        self.warn_at(
+                            &cert,
+                            format!(
+                                "certificate {} has no DNS names (subjectAltName); it can only serve as the default",
+                                cert_path.display()
+                            ),
+                        );
+                    }
+                    out.push(TlsCert { cert: cert_path, key: key_path, default, loaded });
+                }
+                Err(e) => {
+                    // Point at the key for key problems, at the cert otherwise.
+                    if e.starts_with("cannot read key")
+                        || e.starts_with("no private key")
+                        || e.starts_with(&format!("key {}", key_path.display()))
+                    {
+                        self.error_at(&key, e);
+                    } else {
+                        self.error_at(&cert, e);
+                    }
+                }
+            }
+        }
+        ListenerTls { certificates: out, min_version, alpn, handshake_timeout }
+    }
+
+    fn upstream_tls(&mut self, t: Spanned<FileUpstreamTls>) -> Option<UpstreamTls> {
+        let at = t.span().start;
+        let FileUpstreamTls { enabled, sni, ca, verify } = t.into_inner();
+        if enabled == Some(false) {
+            return None;
+        }
+        if let Some(s) = &sni
+            && rustls_pki_types::ServerName::try_from(s.get_ref().as_str()).is_err()
+        {
+            self.error_at(s, format!("invalid sni {:?}: expected a DNS name like \"svc.internal\"", s.get_ref()));
+        }
+        let verify_flag = verify.as_ref().is_none_or(|v| *v.get_ref());
+        if let Some(v) = &verify
+            && !verify_flag
+        {
+            self.warn_at(v, "verify = false: upstream certificates are not checked; anyone on the path can impersonate these servers");
+        }
+        let ca_path = ca.as_ref().map(|c| self.resolve_path(c.get_ref()));
+        match crate::tls::client_config(ca_path.as_deref(), verify_flag) {
+            Ok(client) => Some(UpstreamTls { sni: sni.map(Spanned::into_inner), ca: ca_path, verify: verify_flag, client }),
+            Err(e) => {
+                match &ca {
+                    Some(c) => self.error_at(c, e),
+                    None => self.error(Some(at), e),
+                }
+                None
+            }
+        }
     }
 
     fn route(&mut self, r: FileRoute, upstream_names: &[String]) -> RouteConfig {
@@ -224,7 +358,8 @@ impl Ctx<'_> {
     }
 
     fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
-        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts } = u;
+        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts, tls } = u;
+        let tls = tls.and_then(|t| self.upstream_tls(t));
         let n = name.get_ref();
         if n.is_empty() {
             self.error_at(&name, "upstream name must not be empty; expected letters, digits, '_', '.' or '-'");
@@ -280,7 +415,7 @@ impl Ctx<'_> {
             }
         }
 
-        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries }
+        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries, tls }
     }
 
     /// `balance` and the tables that refine it; a table for another algorithm is an error.
@@ -577,6 +712,9 @@ fn rewrite_serde_message(msg: &str) -> String {
             Some("key") => "in upstream hash",
             Some("header_read") => "in listener timeouts",
             Some("host") => "in [[listener.route]]",
+            Some("certificates") => "in [listener.tls]",
+            Some("cert") => "in a certificate",
+            Some("enabled") => "in upstream tls",
             Some("balance") => "in upstream",
             Some("connect") => "in upstream timeouts",
             Some("addr") => "in server",
