@@ -19,6 +19,7 @@ use tokio::time::Sleep;
 
 use crate::Shared;
 use crate::config::ListenerTimeouts;
+use crate::framing::FramingScanner;
 use crate::runtime::now_ms;
 
 /// Largest request head accepted (request line and headers); larger gets 431.
@@ -85,15 +86,31 @@ const BUSY: u8 = 2;
 pub struct ConnPhase {
     phase: AtomicU8,
     since_ms: AtomicU64,
+    /// Requests started on this connection.
+    requests: AtomicU64,
+    /// Ordinal of the first request whose raw head had both Content-Length and
+    /// Transfer-Encoding (`u64::MAX`: none), published by the I/O wrapper's scanner.
+    first_ambiguous: AtomicU64,
 }
 
 impl ConnPhase {
     fn new() -> Self {
         // A new connection is waiting for its first head: the header deadline applies.
-        Self { phase: AtomicU8::new(HEAD), since_ms: AtomicU64::new(now_ms()) }
+        Self {
+            phase: AtomicU8::new(HEAD),
+            since_ms: AtomicU64::new(now_ms()),
+            requests: AtomicU64::new(0),
+            first_ambiguous: AtomicU64::new(u64::MAX),
+        }
     }
-    pub fn set_busy(&self) {
+    /// A request starts; returns its ordinal on this connection.
+    pub fn set_busy(&self) -> u64 {
         self.phase.store(BUSY, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed)
+    }
+    /// Whether request `ordinal` came with both Content-Length and Transfer-Encoding.
+    pub fn is_ambiguous(&self, ordinal: u64) -> bool {
+        ordinal >= self.first_ambiguous.load(Ordering::Relaxed)
     }
     pub fn set_idle(&self) {
         self.since_ms.store(now_ms(), Ordering::Relaxed);
@@ -109,6 +126,7 @@ impl ConnPhase {
 /// once the keep-alive idle time (no byte yet) or the header deadline (a head started) passed.
 pub struct TimedIo {
     inner: ClientStream,
+    framing: FramingScanner,
     phase: Arc<ConnPhase>,
     timeouts: ListenerTimeouts,
     sleep: Pin<Box<Sleep>>,
@@ -117,7 +135,14 @@ pub struct TimedIo {
 
 impl TimedIo {
     fn new(inner: ClientStream, phase: Arc<ConnPhase>, timeouts: ListenerTimeouts) -> Self {
-        Self { inner, phase, timeouts, sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed_ms: 0 }
+        Self {
+            inner,
+            framing: FramingScanner::default(),
+            phase,
+            timeouts,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed_ms: 0,
+        }
     }
 
     pub fn into_inner(self) -> ClientStream {
@@ -131,6 +156,14 @@ impl AsyncRead for TimedIo {
         let phase = this.phase.phase.load(Ordering::Relaxed);
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res
+            && buf.filled().len() > before
+        {
+            this.framing.feed(&buf.filled()[before..]);
+            if let Some(first) = this.framing.first_ambiguous {
+                this.phase.first_ambiguous.fetch_min(first, Ordering::Relaxed);
+            }
+        }
         if phase == BUSY {
             return res;
         }
@@ -230,6 +263,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, setup: ListenerSetup, sh
         // Backstop only: TimedIo enforces the real head and idle deadlines.
         .header_read_timeout(timeouts.header_read + timeouts.keepalive_idle)
         .max_buf_size(MAX_HEAD)
+        .max_header_size(MAX_HEAD)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();

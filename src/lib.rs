@@ -12,6 +12,7 @@ pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod error;
+pub mod framing;
 pub mod listener;
 pub mod proxy;
 pub mod route;

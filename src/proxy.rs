@@ -25,11 +25,15 @@ use crate::upstream::{self, ReqBody, Sender};
 use crate::ws;
 
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCtx>) -> Response<ProxyBody> {
-    cx.phase.set_busy();
+    let ordinal = cx.phase.set_busy();
     let start = Instant::now();
-    let rt = cx.shared.runtime.load_full();
     let (mut parts, body) = req.into_parts();
     let body_present = has_body(&parts.headers);
+    if cx.phase.is_ambiguous(ordinal) {
+        // hyper dropped the Content-Length; the raw head had both.
+        return local_error(&parts, true, &cx, ProxyError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    let rt = cx.shared.runtime.load_full();
     match forward(&mut parts, body, &cx, &rt, start).await {
         Ok(resp) => resp,
         Err(e) => local_error(&parts, body_present, &cx, e),
@@ -176,10 +180,14 @@ fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
 
 fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, host: Option<HeaderValue>) {
     let ip = peer.ip().to_canonical();
-    let xff = match (trusted, h.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
-        (true, Some(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.to_string(),
-    };
+    let mut xff = String::new();
+    if trusted {
+        for prev in h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
+            xff.push_str(prev);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&ip.to_string());
     h.remove("x-forwarded-for");
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert("x-forwarded-for", v);
