@@ -29,6 +29,8 @@ pub struct PickCtx<'a> {
     /// Backends this request already tried (failover); usually empty.
     pub tried: &'a [usize],
     pub now_ms: u64,
+    /// Panic mode: too few servers are healthy, so active health is disregarded.
+    pub ignore_health: bool,
 }
 
 /// The chosen backend.
@@ -62,9 +64,9 @@ enum Eligibility {
 }
 
 fn eligibility(b: &Backend, i: usize, cx: &PickCtx<'_>) -> Eligibility {
-    if b.cfg.down || cx.tried.contains(&i) || !b.state.is_available(cx.now_ms) {
+    if b.cfg.down || cx.tried.contains(&i) || !b.state.is_available(cx.now_ms) || !(cx.ignore_health || b.state.is_healthy()) {
         Eligibility::Unavailable
-    } else if b.cfg.max_conns != 0 && b.state.load() >= b.cfg.max_conns {
+    } else if b.cfg.max_conns != 0 && b.state.active() >= b.cfg.max_conns {
         Eligibility::Full
     } else {
         Eligibility::Yes
@@ -294,9 +296,9 @@ impl LeastConn {
 }
 
 /// `a` is less loaded than `b` relative to weight: load_a / w_a < load_b / w_b.
-fn lighter(backends: &[Backend], a: usize, b: usize) -> bool {
-    let (la, wa) = (u64::from(backends[a].state.load()), u64::from(backends[a].cfg.weight.get()));
-    let (lb, wb) = (u64::from(backends[b].state.load()), u64::from(backends[b].cfg.weight.get()));
+fn lighter(backends: &[Backend], a: usize, b: usize, now: u64) -> bool {
+    let (la, wa) = (u64::from(backends[a].state.load(now)), u64::from(backends[a].cfg.weight.get()));
+    let (lb, wb) = (u64::from(backends[b].state.load(now)), u64::from(backends[b].cfg.weight.get()));
     la * wb < lb * wa
 }
 
@@ -305,7 +307,7 @@ fn least_loaded(members: &[u32], start: usize, backends: &[Backend], cx: &PickCt
     let mut best: Option<usize> = None;
     for k in 0..n {
         let i = members[(start + k) % n] as usize;
-        if out.check(backends, i, cx) && best.is_none_or(|b| lighter(backends, i, b)) {
+        if out.check(backends, i, cx) && best.is_none_or(|b| lighter(backends, i, b, cx.now_ms)) {
             best = Some(i);
         }
     }
@@ -371,7 +373,7 @@ impl Sampler {
             }
             let (ia, ib) = (self.members[a] as usize, self.members[b] as usize);
             match (out.check(backends, ia, cx), out.check(backends, ib, cx)) {
-                (true, true) => return Some(if lighter(backends, ib, ia) { ib } else { ia }),
+                (true, true) => return Some(if lighter(backends, ib, ia, cx.now_ms) { ib } else { ia }),
                 (true, false) => return Some(ia),
                 (false, true) => return Some(ib),
                 (false, false) => {}
@@ -506,6 +508,7 @@ impl Ring {
 /// `c × (total + 1) × weight / total_weight`, rounded up.
 struct BoundedLoad {
     c: f64,
+    now: u64,
     total_load: u64,
     total_weight: u64,
 }
@@ -516,17 +519,17 @@ impl BoundedLoad {
         for &i in members {
             let b = &backends[i as usize];
             if eligibility(b, i as usize, cx) != Eligibility::Unavailable {
-                total_load += u64::from(b.state.load());
+                total_load += u64::from(b.state.load(cx.now_ms));
                 total_weight += u64::from(b.cfg.weight.get());
             }
         }
-        BoundedLoad { c, total_load, total_weight: total_weight.max(1) }
+        BoundedLoad { c, now: cx.now_ms, total_load, total_weight: total_weight.max(1) }
     }
 
     fn has_room(&self, backends: &[Backend], i: usize) -> bool {
         let b = &backends[i];
         let cap = (self.c * (self.total_load + 1) as f64 * f64::from(b.cfg.weight.get()) / self.total_weight as f64).ceil();
-        f64::from(b.state.load()) + 1.0 <= cap
+        f64::from(b.state.load(self.now)) + 1.0 <= cap
     }
 }
 

@@ -5,9 +5,13 @@
 //! - `POST`: the body echoed back, streamed.
 //! - `GET` with `Upgrade: websocket`: a WebSocket echo; the `101` carries `x-backend: NAME`,
 //!   and a text message `whoami` is answered with `NAME`.
+//! - `GET /healthz`: 200 with the backend's open WebSocket count in `X-Live-Connections` and
+//!   as JSON `{"live": N}` (what `[upstream.NAME.health] load = ...` reads). Also on the
+//!   WebSocket `101`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -33,12 +37,13 @@ pub async fn spawn_backend(name: &str, addr: SocketAddr) -> std::io::Result<(Soc
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let name: &'static str = Box::leak(name.to_string().into_boxed_str());
+    let live: &'static AtomicU32 = Box::leak(Box::new(AtomicU32::new(0)));
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, req).await) });
+                let svc = service_fn(move |req| async move { Ok::<_, Infallible>(respond(name, live, req).await) });
                 let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await;
             });
         }
@@ -50,7 +55,7 @@ fn full(s: impl Into<Bytes>) -> DemoBody {
     Full::new(s.into()).map_err(|never| match never {}).boxed()
 }
 
-async fn respond(name: &'static str, mut req: Request<Incoming>) -> Response<DemoBody> {
+async fn respond(name: &'static str, live: &'static AtomicU32, mut req: Request<Incoming>) -> Response<DemoBody> {
     let is_ws = req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let mut resp = if is_ws {
         let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
@@ -59,7 +64,9 @@ async fn respond(name: &'static str, mut req: Request<Incoming>) -> Response<Dem
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             if let Ok(up) = upgrade.await {
+                live.fetch_add(1, Ordering::Relaxed);
                 echo(name, WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, None).await).await;
+                live.fetch_sub(1, Ordering::Relaxed);
             }
         });
         let mut r = Response::new(full(Bytes::new()));
@@ -69,12 +76,18 @@ async fn respond(name: &'static str, mut req: Request<Incoming>) -> Response<Dem
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&ws::accept_key(key.as_bytes())).expect("base64 is a valid header"));
         r
+    } else if req.uri().path() == "/healthz" {
+        let n = live.load(Ordering::Relaxed);
+        let mut r = Response::new(full(format!("{{\"live\": {n}}}\n")));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
     } else if req.method() == Method::POST || req.method() == Method::PUT {
         Response::new(req.into_body().boxed())
     } else {
         Response::new(full(format!("hello from {name}\n")))
     };
     resp.headers_mut().insert("x-backend", HeaderValue::from_static(name));
+    resp.headers_mut().insert("x-live-connections", HeaderValue::from(live.load(Ordering::Relaxed)));
     resp
 }
 

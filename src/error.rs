@@ -52,10 +52,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::AllFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AllFull { .. } | ProxyError::NoServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::NoServer { .. }
-            | ProxyError::Connect { .. }
+            ProxyError::Connect { .. }
             | ProxyError::UpstreamTls { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::Upstream { .. }

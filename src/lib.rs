@@ -13,6 +13,7 @@ pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod framing;
+pub mod health;
 pub mod listener;
 pub mod proxy;
 pub mod route;
@@ -41,6 +42,32 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Active health-check tasks, one per checked backend.
+    pub health: health::HealthChecks,
+}
+
+impl Shared {
+    /// Builds a snapshot from `config` and makes it current; per-backend state (live counts,
+    /// health, failures, pools) carries over by identity, and health checks follow the new
+    /// config (started, restarted or stopped). Listeners are not rebound here: a config whose
+    /// listeners differ is refused.
+    pub fn apply(&self, config: Config) -> Result<(), String> {
+        {
+            let current = self.runtime.load();
+            let old: Vec<(&str, SocketAddr)> = current.config.listeners.iter().map(|l| (l.name.as_str(), l.bind)).collect();
+            let new: Vec<(&str, SocketAddr)> = config.listeners.iter().map(|l| (l.name.as_str(), l.bind)).collect();
+            if old != new {
+                return Err("listeners changed (name or bind); that needs a restart".into());
+            }
+        }
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let runtime = Runtime::build(config, &self.registry)?;
+        self.health.reconcile(&runtime);
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +102,14 @@ impl Server {
             tracing::warn!("{w}");
         }
         let runtime = Runtime::build(config, &registry).map_err(StartError::Setup)?;
+        let health = health::HealthChecks::default();
+        health.reconcile(&runtime);
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             registry,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            health,
         });
         Ok(Server { shared, bound })
     }
@@ -112,6 +142,7 @@ impl Server {
             tokio::spawn(listener::accept_loop(b, shared.clone()));
         }
         shared.shutdown.cancelled().await;
+        shared.health.stop_all();
         let grace = shared.runtime.load().shutdown_timeout;
         tracing::info!(grace = ?grace, "shutting down: finishing requests and closing tunnels");
         shared.tasks.close();

@@ -59,6 +59,9 @@ fn local_error(req: &Parts, body_present: bool, cx: &ConnCtx, e: ProxyError) -> 
     if e.closes_connection() || body_present {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -287,11 +290,12 @@ async fn dispatch(
     let mut tried: Vec<usize> = Vec::new();
     let mut last_err: Option<ProxyError> = None;
     let timeouts = upstream.cfg.timeouts;
+    let fail_on = &upstream.cfg.fail_on;
+    let ignore_health = upstream.in_panic();
     while tried.len() < tries {
-        let pick = upstream
-            .balancer
-            .pick(&upstream.backends, &PickCtx { client, headers: req.headers(), uri: req.uri(), tried: &tried, now_ms: now_ms() });
-        let picked = match pick {
+        let now = now_ms();
+        let pick_cx = PickCtx { client, headers: req.headers(), uri: req.uri(), tried: &tried, now_ms: now, ignore_health };
+        let picked = match upstream.balancer.pick(&upstream.backends, &pick_cx) {
             Ok(p) => p,
             Err(NoPick::Full) if last_err.is_none() => return Err(ProxyError::AllFull { upstream: upstream.name().to_string() }),
             Err(_) => break,
@@ -309,8 +313,9 @@ async fn dispatch(
                 None => match upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref()).await {
                     Ok(s) => s,
                     Err(e) => {
-                        if backend.state.record_failure(&backend.cfg, now_ms()) {
-                            tracing::warn!(upstream = %upstream.name(), backend = %addr, fail_timeout = ?backend.cfg.fail_timeout, "backend marked unavailable after max_fails");
+                        let counts = if matches!(e, ProxyError::ConnectTimeout { .. }) { fail_on.timeout } else { fail_on.connect };
+                        if counts {
+                            passive_failure(upstream, i);
                         }
                         tracing::warn!(upstream = %upstream.name(), backend = %addr, error = %display_chain(&e), "connect failed, trying next server");
                         last_err = Some(e);
@@ -320,22 +325,22 @@ async fn dispatch(
             };
             match upstream::send(&mut s, req, addr, timeouts.response_header).await {
                 Ok(resp) => {
-                    backend.state.record_success();
+                    if fail_on.statuses.contains(&resp.status().as_u16()) {
+                        passive_failure(upstream, i);
+                    } else {
+                        backend.state.record_success();
+                    }
                     let cookie = if picked.set_cookie { upstream.balancer.set_cookie(i, cx.tls).cloned() } else { None };
                     return Ok((resp, guard, s, addr, cookie));
                 }
                 Err(Ok(back)) => {
                     // The pooled connection was closed under us; the request never left.
                     req = back;
-                    sender = None;
-                    if backend.state.pool.is_empty() {
-                        continue;
-                    }
                     sender = backend.state.pool.take();
                 }
                 Err(Err(e)) => {
-                    if matches!(e, ProxyError::ResponseTimeout { .. }) {
-                        backend.state.record_failure(&backend.cfg, now_ms());
+                    if matches!(e, ProxyError::ResponseTimeout { .. }) && fail_on.timeout {
+                        passive_failure(upstream, i);
                     }
                     return Err(e);
                 }
@@ -343,6 +348,19 @@ async fn dispatch(
         }
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoServer { upstream: upstream.name().to_string() }))
+}
+
+/// Counts a passive failure and says so when it takes the backend out.
+fn passive_failure(upstream: &Upstream, i: usize) {
+    let backend = &upstream.backends[i];
+    let checked = upstream.cfg.health.is_some();
+    if backend.state.record_failure(&backend.cfg, now_ms(), checked) {
+        if checked {
+            tracing::warn!(upstream = %upstream.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, "backend unhealthy after max_fails passive failures; active checks bring it back");
+        } else {
+            tracing::warn!(upstream = %upstream.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, fail_timeout = ?backend.cfg.fail_timeout, "backend unavailable for fail_timeout after max_fails failures");
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

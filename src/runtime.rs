@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,68 @@ pub struct BackendState {
     down_until: AtomicU64,
     /// Idle keep-alive connections to this backend.
     pub pool: Pool,
+    /// `Health` as u8; `Healthy` unless active checks say otherwise.
+    health: AtomicU8,
+    /// The server's own live-connection count from its last health answer…
+    reported: AtomicU32,
+    /// …our local count when that answer came…
+    reported_base: AtomicU32,
+    /// …and when (ms, `now_ms`; 0 = no usable report).
+    reported_at: AtomicU64,
+    /// A report older than this (ms) is ignored: 3 check intervals.
+    report_ttl: AtomicU64,
+    /// The last active check, for observation.
+    last_check: Mutex<Option<CheckResult>>,
+}
+
+/// Active health state of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Checked, but no verdict yet: takes no traffic.
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            0 => Health::Unknown,
+            1 => Health::Healthy,
+            _ => Health::Unhealthy,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// The outcome of one active check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckResult {
+    pub ok: bool,
+    /// "200", "status 503", "timeout", "connection refused"...
+    pub reason: String,
+    pub latency: Duration,
+    /// WebSocket checks: the ping's round trip.
+    pub ping_rtt: Option<Duration>,
+    pub at_ms: u64,
+}
+
+/// What the admin API and logs show about one backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendView {
+    pub health: Health,
+    pub last_check: Option<CheckResult>,
+    /// The server's own count when fresh.
+    pub reported: Option<u32>,
+    pub local: u32,
+    /// What balancers use.
+    pub merged: u32,
 }
 
 impl BackendState {
@@ -56,12 +118,73 @@ impl BackendState {
             fail_window_start: AtomicU64::new(0),
             down_until: AtomicU64::new(0),
             pool: Pool::default(),
+            health: AtomicU8::new(Health::Healthy as u8),
+            reported: AtomicU32::new(0),
+            reported_base: AtomicU32::new(0),
+            reported_at: AtomicU64::new(0),
+            report_ttl: AtomicU64::new(0),
+            last_check: Mutex::new(None),
         }
     }
 
-    /// Live connections: the one accessor balancers read load through.
-    pub fn load(&self) -> u32 {
+    /// In-flight requests plus open tunnels through this process.
+    pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// The load balancers see, the one accessor they read it through: the server's own count
+    /// from its last fresh health answer plus what this process added or removed since, or
+    /// else the local count.
+    pub fn load(&self, now_ms: u64) -> u32 {
+        let local = self.active.load(Ordering::Relaxed);
+        let at = self.reported_at.load(Ordering::Relaxed);
+        if at == 0 || now_ms.saturating_sub(at) > self.report_ttl.load(Ordering::Relaxed) {
+            return local;
+        }
+        let reported = i64::from(self.reported.load(Ordering::Relaxed));
+        let base = i64::from(self.reported_base.load(Ordering::Relaxed));
+        (reported + i64::from(local) - base).clamp(0, i64::from(u32::MAX)) as u32
+    }
+
+    /// Records the server's own live count from a health answer.
+    pub fn set_reported(&self, count: u32, ttl: Duration, now_ms: u64) {
+        self.reported.store(count, Ordering::Relaxed);
+        self.reported_base.store(self.active.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.report_ttl.store(ttl.as_millis() as u64, Ordering::Relaxed);
+        self.reported_at.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Drops the server's report; the local count is used.
+    pub fn clear_reported(&self) {
+        self.reported_at.store(0, Ordering::Relaxed);
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    pub fn set_health(&self, h: Health) {
+        self.health.store(h as u8, Ordering::Relaxed);
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health.load(Ordering::Relaxed) == Health::Healthy as u8
+    }
+
+    pub fn set_last_check(&self, r: CheckResult) {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    pub fn view(&self, now_ms: u64) -> BackendView {
+        let at = self.reported_at.load(Ordering::Relaxed);
+        let fresh = at != 0 && now_ms.saturating_sub(at) <= self.report_ttl.load(Ordering::Relaxed);
+        BackendView {
+            health: self.health(),
+            last_check: self.last_check.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            reported: fresh.then(|| self.reported.load(Ordering::Relaxed)),
+            local: self.active(),
+            merged: self.load(now_ms),
+        }
     }
 
     /// Counts one more live connection unless that would pass `max_conns` (0 = unlimited).
@@ -83,8 +206,11 @@ impl BackendState {
         self.down_until.load(Ordering::Relaxed) <= now
     }
 
-    /// A connect error or timeout (nginx's `error` and `timeout`).
-    pub fn record_failure(&self, cfg: &ServerConfig, now: u64) -> bool {
+    /// A passive failure (by default a connect error or timeout, nginx's `error` and
+    /// `timeout`). After `max_fails` within `fail_timeout` the backend sits out: for
+    /// `fail_timeout`, or, when active checks run (`checked`), until they bring it back.
+    /// Returns true when this failure took the backend out.
+    pub fn record_failure(&self, cfg: &ServerConfig, now: u64, checked: bool) -> bool {
         if cfg.max_fails == 0 {
             return false;
         }
@@ -95,7 +221,11 @@ impl BackendState {
         }
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= cfg.max_fails {
-            self.down_until.store(now + window, Ordering::Relaxed);
+            if checked {
+                self.set_health(Health::Unhealthy);
+            } else {
+                self.down_until.store(now + window, Ordering::Relaxed);
+            }
             self.fails.store(0, Ordering::Relaxed);
             return true;
         }
@@ -168,6 +298,22 @@ pub struct Upstream {
 impl Upstream {
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// Envoy's panic mode: with active checks and `panic_threshold` set, when fewer than that
+    /// share of the primary servers is healthy, health is disregarded so the few healthy ones
+    /// are not overwhelmed.
+    pub fn in_panic(&self) -> bool {
+        let Some(threshold) = self.cfg.panic_threshold else { return false };
+        if self.cfg.health.is_none() {
+            return false;
+        }
+        let (mut total, mut healthy) = (0u32, 0u32);
+        for b in self.backends.iter().filter(|b| !b.cfg.down && !b.cfg.backup) {
+            total += 1;
+            healthy += u32::from(b.state.is_healthy());
+        }
+        total > 0 && f64::from(healthy) < threshold * f64::from(total)
     }
 }
 

@@ -122,6 +122,22 @@ pub type UpgradedUpstream = TokioIo<UpstreamStream>;
 /// Opens a new HTTP/1.1 connection to `addr` (TLS when `tls` is set), all within `timeout`.
 /// The connection task is spawned; upgrades are on so a `101` hands the socket to the tunnel.
 pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<Sender, ProxyError> {
+    let stream = connect_stream(addr, timeout, tls).await?;
+    let (sender, conn) = http1::Builder::new()
+        .max_buf_size(256 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProxyError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
+        }
+    });
+    Ok(sender)
+}
+
+/// A TCP connection to `addr`, with the upstream's TLS on top when set, within `timeout`.
+pub async fn connect_stream(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<UpstreamStream, ProxyError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -141,17 +157,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamT
             }
         }
     };
-    let (sender, conn) = http1::Builder::new()
-        .max_buf_size(256 * 1024)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| ProxyError::Handshake { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
-        }
-    });
-    Ok(sender)
+    Ok(stream)
 }
 
 /// Sends `req` on `sender`; when the pooled connection turned out to be dead before the

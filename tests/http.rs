@@ -855,14 +855,18 @@ async fn unmatched_host_is_404() {
 }
 
 #[tokio::test]
-async fn all_servers_dead_is_502_quickly() {
+async fn all_servers_dead_is_502_then_503_quickly() {
     let (d1, d2) = (support::dead_addr().await, support::dead_addr().await);
     let tg = support::tidegate(&plain(&[srv(d1), srv(d2)])).await;
 
-    for i in 0..2 {
+    // The first request tries both servers and fails to connect: 502. Both are now out for
+    // fail_timeout, so the next finds no server at all: 503 with Retry-After, at once.
+    for (i, expected) in [(0, 502), (1, 503)] {
         let start = Instant::now();
-        let (status, _) = within("502 for dead servers", Duration::from_secs(2), support::get(tg.addr, "/")).await;
-        assert_eq!(status, 502, "request {i}");
+        let req = Request::get("/").header("host", "test").body(Full::new(Bytes::new())).unwrap();
+        let (status, headers, _) = within("answer for dead servers", Duration::from_secs(2), support::request(tg.addr, req)).await;
+        assert_eq!(status, expected, "request {i}");
+        assert_eq!(headers.contains_key("retry-after"), expected == 503, "request {i}");
         assert!(start.elapsed() < Duration::from_secs(2), "request {i} took {:?}", start.elapsed());
     }
     tg.stop().await;

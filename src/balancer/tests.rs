@@ -32,7 +32,7 @@ fn backends(spec: &[(u32, bool)]) -> Vec<Backend> {
 }
 
 fn cfg(balance: Balance) -> UpstreamConfig {
-    UpstreamConfig { name: "u".into(), balance, servers: vec![], timeouts: Default::default(), keepalive: 0, tries: 0, tls: None }
+    UpstreamConfig::new("u", balance, vec![])
 }
 
 fn uri() -> &'static Uri {
@@ -41,7 +41,7 @@ fn uri() -> &'static Uri {
 }
 
 fn cx<'a>(h: &'a HeaderMap, tried: &'a [usize]) -> PickCtx<'a> {
-    PickCtx { client: Ipv4Addr::LOCALHOST.into(), headers: h, uri: uri(), tried, now_ms: 0 }
+    PickCtx { client: Ipv4Addr::LOCALHOST.into(), headers: h, uri: uri(), tried, now_ms: 0, ignore_health: false }
 }
 
 fn pick(bal: &Balancer, b: &[Backend], h: &HeaderMap, tried: &[usize]) -> Result<usize, NoPick> {
@@ -120,7 +120,7 @@ fn least_conn_prefers_lighter_relative_to_weight_and_rotates_ties() {
         let i = pick(&bal, &b, &h, &[]).unwrap();
         guards.push(b[i].state.try_acquire(0).unwrap());
     }
-    assert_eq!((b[0].state.load(), b[1].state.load(), b[2].state.load()), (100, 200, 100));
+    assert_eq!((b[0].state.active(), b[1].state.active(), b[2].state.active()), (100, 200, 100));
     drop(guards);
     // All idle: ties rotate, so three picks reach three servers.
     let picks: std::collections::BTreeSet<usize> = (0..3).map(|_| pick(&bal, &b, &h, &[]).unwrap()).collect();
@@ -143,8 +143,11 @@ fn nginx_ip_hash_groups_by_first_three_octets() {
     let b = backends(&[(1, false), (1, false), (1, false), (1, false)]);
     let bal = Balancer::new(&cfg(Balance::IpHash(IpHashMode::Nginx)), &b);
     let h = HeaderMap::new();
-    let at =
-        |ip: [u8; 4]| bal.pick(&b, &PickCtx { client: IpAddr::from(ip), headers: &h, uri: uri(), tried: &[], now_ms: 0 }).unwrap().index;
+    let at = |ip: [u8; 4]| {
+        bal.pick(&b, &PickCtx { client: IpAddr::from(ip), headers: &h, uri: uri(), tried: &[], now_ms: 0, ignore_health: false })
+            .unwrap()
+            .index
+    };
     let first = at([10, 1, 2, 3]);
     for last in 0..=255 {
         assert_eq!(at([10, 1, 2, last]), first);
@@ -176,7 +179,7 @@ fn ring_moves_about_one_nth_when_a_server_leaves() {
     let n = 4000;
     for k in 0..n {
         let ip = IpAddr::from([10, (k >> 16) as u8, (k >> 8) as u8, k as u8]);
-        let c = PickCtx { client: ip, headers: &h, uri: uri(), tried: &[], now_ms: 0 };
+        let c = PickCtx { client: ip, headers: &h, uri: uri(), tried: &[], now_ms: 0, ignore_health: false };
         let before = four[r4.pick(&four, &c).unwrap().index].addr();
         let after = three[r3.pick(&three, &c).unwrap().index].addr();
         if before != after {
@@ -209,7 +212,7 @@ proptest! {
                 guards.push(b[i].state.try_acquire(0).unwrap());
             }
             if s.3 == 2 {
-                b[i].state.record_failure(&b[i].cfg, 0);
+                b[i].state.record_failure(&b[i].cfg, 0, false);
             }
         }
         if !b.iter().any(|x| !x.cfg.backup) {
@@ -222,7 +225,7 @@ proptest! {
         if !key.is_empty() {
             h.insert("x-user", HeaderValue::from_str(&key).unwrap());
         }
-        let c = PickCtx { client: IpAddr::from(ip.to_be_bytes()), headers: &h, uri: uri(), tried: &tried, now_ms: 1 };
+        let c = PickCtx { client: IpAddr::from(ip.to_be_bytes()), headers: &h, uri: uri(), tried: &tried, now_ms: 1, ignore_health: false };
         let eligible: Vec<usize> = (0..b.len()).filter(|&i| eligibility(&b[i], i, &c) == Eligibility::Yes).collect();
         let primary_eligible = eligible.iter().any(|&i| !b[i].cfg.backup);
         match bal.pick(&b, &c) {
@@ -249,7 +252,7 @@ proptest! {
         let (x, y) = (Balancer::new(&cfg(balance.clone()), &b1), Balancer::new(&cfg(balance), &b2));
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_str(&key).unwrap());
-        let c = PickCtx { client: IpAddr::from(ip.to_be_bytes()), headers: &h, uri: uri(), tried: &[], now_ms: 0 };
+        let c = PickCtx { client: IpAddr::from(ip.to_be_bytes()), headers: &h, uri: uri(), tried: &[], now_ms: 0, ignore_health: false };
         let first = x.pick(&b1, &c).unwrap().index;
         prop_assert_eq!(x.pick(&b1, &c).unwrap().index, first);
         prop_assert_eq!(y.pick(&b2, &c).unwrap().index, first);

@@ -85,6 +85,24 @@ pub(super) struct FileUpstream {
     pub servers: Option<Spanned<Vec<Spanned<FileServer>>>>,
     pub timeouts: Option<FileUpstreamTimeouts>,
     pub tls: Option<Spanned<FileUpstreamTls>>,
+    pub health: Option<Spanned<FileHealth>>,
+    pub fail_on: Option<Vec<Spanned<toml::Value>>>,
+    pub panic_threshold: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHealth {
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub expect: Option<Vec<Spanned<i64>>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+    pub load: Option<Spanned<String>>,
+    pub start_healthy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -258,6 +258,90 @@ pub struct UpstreamConfig {
     pub tries: usize,
     /// TLS to the servers; plain TCP when absent.
     pub tls: Option<UpstreamTls>,
+    /// Active health checks (`[upstream.NAME.health]`); none when absent.
+    pub health: Option<HealthConfig>,
+    /// Which upstream answers count as passive failures (`fail_on`, default connect and timeout).
+    pub fail_on: FailOn,
+    /// When fewer than this share of servers is healthy, balance over all of them (Envoy's
+    /// panic mode). None: off.
+    pub panic_threshold: Option<f64>,
+}
+
+impl UpstreamConfig {
+    /// An upstream with every optional setting at its default (for tests and tools).
+    pub fn new(name: &str, balance: Balance, servers: Vec<ServerConfig>) -> Self {
+        UpstreamConfig {
+            name: name.to_string(),
+            balance,
+            servers,
+            timeouts: UpstreamTimeouts::default(),
+            keepalive: 32,
+            tries: 0,
+            tls: None,
+            health: None,
+            fail_on: FailOn::default(),
+            panic_threshold: None,
+        }
+    }
+}
+
+/// `fail_on = ["connect", "timeout", 502, 503, 504]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailOn {
+    pub connect: bool,
+    pub timeout: bool,
+    /// Response statuses that count as failures.
+    pub statuses: Vec<u16>,
+}
+
+impl Default for FailOn {
+    fn default() -> Self {
+        FailOn { connect: true, timeout: true, statuses: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    /// Connect only.
+    Tcp,
+    /// `GET path`, status in `expect`.
+    Http,
+    /// A real WebSocket handshake on `path`, a ping, and a clean close.
+    WebSocket,
+}
+
+/// Where a health answer carries the server's own live-connection count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadReport {
+    /// A response header (lower-cased name) holding an integer.
+    Header(String),
+    /// A JSON pointer into the response body (`json:/stats/live`).
+    Json(String),
+    /// The whole body is an integer.
+    Body,
+}
+
+/// `[upstream.NAME.health]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    /// Default "/".
+    pub path: String,
+    /// `Host` header for http and websocket checks; default the server's address.
+    pub host: Option<String>,
+    /// Healthy statuses; empty means any 2xx.
+    pub expect: Vec<u16>,
+    /// Default 2s (with up to 10 % jitter).
+    pub interval: Duration,
+    /// Default 1s.
+    pub timeout: Duration,
+    /// Consecutive successes to become healthy. Default 2.
+    pub rise: u32,
+    /// Consecutive failures to become unhealthy. Default 3.
+    pub fall: u32,
+    pub load: Option<LoadReport>,
+    /// A new server takes traffic before its first check passes. Default false.
+    pub start_healthy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,13 +9,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    FileCert, FileConfig, FileCookie, FileHash, FileIpHash, FileListener, FileListenerTimeouts, FileListenerTls, FileRoute, FileServer,
-    FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
+    FileCert, FileConfig, FileCookie, FileHash, FileHealth, FileIpHash, FileListener, FileListenerTimeouts, FileListenerTls, FileRoute,
+    FileServer, FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
 };
 use super::{
-    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, Fallback, HashConfig, HashKey, HostMatch, IpHashMode, ListenerConfig,
-    ListenerMode, ListenerTimeouts, ListenerTls, RouteConfig, SameSite, ServerConfig, TlsCert, TlsVersion, UpstreamConfig,
-    UpstreamTimeouts, UpstreamTls, parse_duration,
+    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, FailOn, Fallback, HashConfig, HashKey, HealthConfig, HealthKind,
+    HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig, SameSite, ServerConfig,
+    TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -324,6 +324,109 @@ impl Ctx<'_> {
         }
     }
 
+    fn health(&mut self, h: Spanned<FileHealth>) -> HealthConfig {
+        let FileHealth { kind, path, host, expect, interval, timeout, rise, fall, load, start_healthy } = h.into_inner();
+        let kind = match kind {
+            None => HealthKind::Http,
+            Some(k) => match k.get_ref().as_str() {
+                "http" => HealthKind::Http,
+                "tcp" => HealthKind::Tcp,
+                "websocket" => HealthKind::WebSocket,
+                other => {
+                    self.error_at(&k, format!(r#"unknown health kind {other:?}; expected "http", "tcp" or "websocket""#));
+                    HealthKind::Http
+                }
+            },
+        };
+        let path = match path {
+            None => "/".to_string(),
+            Some(p) => {
+                if !p.get_ref().starts_with('/') || p.get_ref().bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                    self.error_at(&p, format!(r#"invalid health path {:?}: expected a path starting with "/""#, p.get_ref()));
+                }
+                p.into_inner()
+            }
+        };
+        if let Some(h) = &host
+            && (h.get_ref().is_empty() || h.get_ref().bytes().any(|b| b.is_ascii_control() || b == b' '))
+        {
+            self.error_at(h, format!("invalid health host {:?}", h.get_ref()));
+        }
+        let mut codes = Vec::new();
+        for e in expect.unwrap_or_default() {
+            if let Some(c) = self.int(&e, "expect", 100, 599) {
+                codes.push(c as u16);
+            }
+        }
+        let timeout_at = timeout.as_ref().map(|t| t.span().start);
+        let interval = self.duration(interval.as_ref(), "interval", Duration::from_secs(2));
+        let timeout = self.duration(timeout.as_ref(), "timeout", Duration::from_secs(1));
+        let rise = rise.and_then(|r| self.int(&r, "rise", 1, 1000)).map_or(2, |r| r as u32);
+        let fall = fall.and_then(|f| self.int(&f, "fall", 1, 1000)).map_or(3, |f| f as u32);
+        let load = load.and_then(|l| {
+            let raw = l.get_ref().as_str();
+            let parsed = if raw == "body" {
+                Some(LoadReport::Body)
+            } else if let Some(h) = raw.strip_prefix("header:") {
+                (!h.is_empty() && h.bytes().all(is_cookie_name_byte)).then(|| LoadReport::Header(h.to_ascii_lowercase()))
+            } else if let Some(p) = raw.strip_prefix("json:") {
+                (p.is_empty() || p.starts_with('/')).then(|| LoadReport::Json(p.to_string()))
+            } else {
+                None
+            };
+            match parsed {
+                Some(LoadReport::Json(_) | LoadReport::Body) if kind != HealthKind::Http => {
+                    self.error_at(
+                        &l,
+                        format!(r#"load {raw:?} reads the response body, which only kind = "http" checks have; use "header:NAME""#),
+                    );
+                    None
+                }
+                Some(_) if kind == HealthKind::Tcp => {
+                    self.error_at(&l, r#"load needs an http or websocket check; kind = "tcp" only connects"#);
+                    None
+                }
+                Some(p) => Some(p),
+                None => {
+                    self.error_at(&l, format!(r#"invalid load {raw:?}: expected "header:NAME", "json:/json/pointer" or "body""#));
+                    None
+                }
+            }
+        });
+        if timeout > interval {
+            // Not fatal, but checks would pile up behind each other.
+            self.error(timeout_at, format!("health timeout ({timeout:?}) must not exceed interval ({interval:?})"));
+        }
+        HealthConfig {
+            kind,
+            path,
+            host: host.map(Spanned::into_inner),
+            expect: codes,
+            interval,
+            timeout,
+            rise,
+            fall,
+            load,
+            start_healthy: start_healthy.unwrap_or(false),
+        }
+    }
+
+    fn fail_on(&mut self, list: Option<Vec<Spanned<toml::Value>>>) -> FailOn {
+        let Some(list) = list else { return FailOn::default() };
+        let mut f = FailOn { connect: false, timeout: false, statuses: Vec::new() };
+        for v in list {
+            match v.get_ref() {
+                toml::Value::String(s) if s == "connect" => f.connect = true,
+                toml::Value::String(s) if s == "timeout" => f.timeout = true,
+                toml::Value::Integer(n) if (500..=599).contains(n) => f.statuses.push(*n as u16),
+                other => {
+                    self.error_at(&v, format!(r#"invalid fail_on entry {other}: expected "connect", "timeout" or a 5xx status like 502"#))
+                }
+            }
+        }
+        f
+    }
+
     fn route(&mut self, r: FileRoute, upstream_names: &[String]) -> RouteConfig {
         let FileRoute { host, path_prefix, upstream } = r;
         let host = host.and_then(|h| match parse_host(h.get_ref()) {
@@ -358,8 +461,19 @@ impl Ctx<'_> {
     }
 
     fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
-        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts, tls } = u;
+        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts, tls, health, fail_on, panic_threshold } = u;
         let tls = tls.and_then(|t| self.upstream_tls(t));
+        let health = health.map(|h| self.health(h));
+        let fail_on = self.fail_on(fail_on);
+        let panic_threshold = panic_threshold.and_then(|p| {
+            let v = *p.get_ref();
+            if (0.0..=1.0).contains(&v) {
+                Some(v)
+            } else {
+                self.error_at(&p, format!("panic_threshold must be between 0.0 and 1.0 (a share of servers), got {v}"));
+                None
+            }
+        });
         let n = name.get_ref();
         if n.is_empty() {
             self.error_at(&name, "upstream name must not be empty; expected letters, digits, '_', '.' or '-'");
@@ -415,7 +529,7 @@ impl Ctx<'_> {
             }
         }
 
-        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries, tls }
+        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries, tls, health, fail_on, panic_threshold }
     }
 
     /// `balance` and the tables that refine it; a table for another algorithm is an error.
@@ -715,6 +829,7 @@ fn rewrite_serde_message(msg: &str) -> String {
             Some("certificates") => "in [listener.tls]",
             Some("cert") => "in a certificate",
             Some("enabled") => "in upstream tls",
+            Some("kind") => "in upstream health",
             Some("balance") => "in upstream",
             Some("connect") => "in upstream timeouts",
             Some("addr") => "in server",

@@ -26,14 +26,17 @@ impl Proxy {
     /// Graceful shutdown; waits for it to finish (panics in the server surface here).
     pub async fn stop(self) {
         self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("tidegate stops within 30s").expect("tidegate task did not panic");
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("tidegate stops within 30s")
+            .expect("tidegate task did not panic");
     }
 
     /// Live count of the backend at `addr` in upstream `upstream`.
     pub fn live(&self, upstream: &str, addr: SocketAddr) -> u32 {
         let rt = self.shared.runtime.load();
         let u = rt.upstreams.iter().find(|u| u.name() == upstream).expect("upstream exists");
-        u.backends.iter().find(|b| b.addr() == addr).expect("backend exists").state.load()
+        u.backends.iter().find(|b| b.addr() == addr).expect("backend exists").state.active()
     }
 }
 
