@@ -40,7 +40,9 @@ struct UpstreamBody {
 impl UpstreamBody {
     fn finish(&mut self) {
         self.complete = true;
-        if let Some((sender, max_idle)) = self.conn.take() {
+        if let Some((sender, max_idle)) = self.conn.take()
+            && !self.guard.backend().is_draining()
+        {
             self.guard.backend().pool.put(sender, max_idle);
         }
     }

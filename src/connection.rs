@@ -223,7 +223,10 @@ pub type UpgradedIo = TokioIo<TimedIo>;
 /// What the request handler knows about its connection.
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
+    /// Index of the listener in the snapshot of `generation`; after a reload, found by key.
     pub listener: usize,
+    pub listener_key: Arc<str>,
+    pub generation: u64,
     pub peer: SocketAddr,
     pub tls: bool,
     pub phase: Arc<ConnPhase>,
@@ -233,13 +236,22 @@ pub struct ConnCtx {
 #[derive(Clone)]
 pub struct ListenerSetup {
     pub index: usize,
+    /// `listener::listener_key`: finds this listener again in a newer snapshot.
+    pub key: Arc<str>,
     pub timeouts: ListenerTimeouts,
     pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
 }
 
 /// Serves one accepted client connection until it closes or shutdown finishes it.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, setup: ListenerSetup, shared: Arc<Shared>) {
-    let ListenerSetup { index: listener, timeouts, tls } = setup;
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    setup: ListenerSetup,
+    generation: u64,
+    listener_stop: tokio_util::sync::CancellationToken,
+    shared: Arc<Shared>,
+) {
+    let ListenerSetup { index: listener, key: listener_key, timeouts, tls } = setup;
     let phase = Arc::new(ConnPhase::new());
     let stream = match tls {
         None => ClientStream::Tcp(stream),
@@ -252,7 +264,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, setup: ListenerSetup, sh
     let is_tls = matches!(stream, ClientStream::Tls(_));
     let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, peer, tls: is_tls, phase });
+    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, tls: is_tls, phase });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }
@@ -268,9 +280,15 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, setup: ListenerSetup, sh
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     let mut conn = pin!(conn);
+    // Shutdown, or a reload that removed this listener: finish the request in flight, then
+    // close (idle keep-alive connections close at once).
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        _ = listener_stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -11,6 +11,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route for host {host:?} path {path:?}")]
     NoRoute { host: String, path: String },
+    #[error("this listener was removed by a reload")]
+    ListenerGone,
     #[error("no server available in upstream {upstream:?}")]
     NoServer { upstream: String },
     #[error("every server of upstream {upstream:?} is at max_conns")]
@@ -52,7 +54,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::AllFull { .. } | ProxyError::NoServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AllFull { .. } | ProxyError::NoServer { .. } | ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Connect { .. }
             | ProxyError::UpstreamTls { .. }
@@ -64,6 +66,6 @@ impl ProxyError {
 
     /// The request was at fault and the connection should not be trusted further.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::BadRequest(_))
+        matches!(self, ProxyError::BadRequest(_) | ProxyError::ListenerGone)
     }
 }

@@ -16,6 +16,7 @@ pub mod framing;
 pub mod health;
 pub mod listener;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod tls;
@@ -23,8 +24,9 @@ pub mod tunnel;
 pub mod upstream;
 pub mod ws;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -44,30 +46,12 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Active health-check tasks, one per checked backend.
     pub health: health::HealthChecks,
-}
-
-impl Shared {
-    /// Builds a snapshot from `config` and makes it current; per-backend state (live counts,
-    /// health, failures, pools) carries over by identity, and health checks follow the new
-    /// config (started, restarted or stopped). Listeners are not rebound here: a config whose
-    /// listeners differ is refused.
-    pub fn apply(&self, config: Config) -> Result<(), String> {
-        {
-            let current = self.runtime.load();
-            let old: Vec<(&str, SocketAddr)> = current.config.listeners.iter().map(|l| (l.name.as_str(), l.bind)).collect();
-            let new: Vec<(&str, SocketAddr)> = config.listeners.iter().map(|l| (l.name.as_str(), l.bind)).collect();
-            if old != new {
-                return Err("listeners changed (name or bind); that needs a restart".into());
-            }
-        }
-        for w in &config.warnings {
-            tracing::warn!("{w}");
-        }
-        let runtime = Runtime::build(config, &self.registry)?;
-        self.health.reconcile(&runtime);
-        self.runtime.store(Arc::new(runtime));
-        Ok(())
-    }
+    /// Accepting listeners by `listener::listener_key`.
+    pub listeners: Mutex<HashMap<String, listener::Running>>,
+    /// Reload attempts and their outcome.
+    pub reloads: reload::ReloadStats,
+    /// One reload at a time.
+    reload_lock: Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,18 +74,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds every listener of `config`; nothing is accepted until `run`.
+    /// Binds every listener of `config`; nothing is accepted until `run`. Call within a
+    /// tokio runtime (health checks start here).
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let mut bound = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let b = listener::bind(i, l).map_err(|source| StartError::Bind { name: l.name.clone(), addr: l.bind, source })?;
+        for l in &config.listeners {
+            let b = listener::bind(l).map_err(|source| StartError::Bind { name: l.name.clone(), addr: l.bind, source })?;
             bound.push(b);
         }
-        let registry = Registry::default();
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        let runtime = Runtime::build(config, &registry).map_err(StartError::Setup)?;
+        let registry = Registry::default();
+        let runtime = Runtime::build(config, &registry, 1).map_err(StartError::Setup)?;
         let health = health::HealthChecks::default();
         health.reconcile(&runtime);
         let shared = Arc::new(Shared {
@@ -110,6 +95,9 @@ impl Server {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             health,
+            listeners: Mutex::new(HashMap::new()),
+            reloads: reload::ReloadStats::default(),
+            reload_lock: Mutex::new(()),
         });
         Ok(Server { shared, bound })
     }
@@ -138,8 +126,7 @@ impl Server {
     pub async fn run(self) {
         let Server { shared, bound } = self;
         for b in bound {
-            tracing::info!(listener = %b.name, addr = %b.local_addr(), "listening");
-            tokio::spawn(listener::accept_loop(b, shared.clone()));
+            shared.start_listener(b);
         }
         shared.shutdown.cancelled().await;
         shared.health.stop_all();
@@ -151,6 +138,26 @@ impl Server {
         }
         // Give sockets a moment to flush their last bytes.
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Shared {
+    fn start_listener(self: &Arc<Self>, b: listener::Bound) {
+        let stop = CancellationToken::new();
+        let running = listener::Running { name: b.name.clone(), addr: b.local_addr(), stop: stop.clone() };
+        tracing::info!(listener = %b.name, addr = %running.addr, "listening");
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).insert(b.key.clone(), running);
+        tokio::spawn(listener::accept_loop(b, stop, self.clone()));
+    }
+
+    /// Addresses of the listeners accepting now, by name.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner()).values().map(|r| (r.name.clone(), r.addr)).collect()
+    }
+
+    /// Applies `config` as a reload (see `reload::apply`).
+    pub fn apply(self: &Arc<Self>, config: Config) -> Result<u64, String> {
+        reload::apply(self, config)
     }
 }
 

@@ -1,4 +1,8 @@
 //! Listeners: bind, accept, and hand each connection to `connection::serve`.
+//!
+//! A listener is identified across reloads by its key (`listener_key`): its bind address,
+//! or its name when it binds port 0. A reload keeps the socket of every listener whose key is
+//! unchanged, so there is no moment without accept.
 
 use std::io;
 use std::net::SocketAddr;
@@ -6,15 +10,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::config::ListenerConfig;
+
+/// Identity of a listener across config reloads.
+pub fn listener_key(cfg: &ListenerConfig) -> String {
+    if cfg.bind.port() == 0 { format!("name:{}", cfg.name) } else { format!("addr:{}", cfg.bind) }
+}
 
 /// A bound listener, not yet accepting.
 #[derive(Debug)]
 pub struct Bound {
     pub name: String,
-    pub index: usize,
+    pub key: String,
     pub socket: TcpListener,
 }
 
@@ -24,7 +34,7 @@ impl Bound {
     }
 }
 
-pub fn bind(index: usize, cfg: &ListenerConfig) -> io::Result<Bound> {
+pub fn bind(cfg: &ListenerConfig) -> io::Result<Bound> {
     let socket = match cfg.bind {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -33,23 +43,36 @@ pub fn bind(index: usize, cfg: &ListenerConfig) -> io::Result<Bound> {
     socket.set_nodelay(true)?;
     socket.bind(cfg.bind)?;
     let socket = socket.listen(4096)?;
-    Ok(Bound { name: cfg.name.clone(), index, socket })
+    Ok(Bound { name: cfg.name.clone(), key: listener_key(cfg), socket })
 }
 
-/// Accepts until shutdown. Accept errors (out of file descriptors, say) are logged and
-/// retried after a short pause rather than spinning or ending the listener.
-pub async fn accept_loop(bound: Bound, shared: Arc<Shared>) {
-    let Bound { name, index, socket } = bound;
+/// A running listener: its address and how to stop it (a reload that removes it).
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub stop: CancellationToken,
+}
+
+/// Accepts until shutdown or until this listener is removed. Accept errors (out of file
+/// descriptors, say) are logged and retried after a short pause rather than spinning.
+pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shared>) {
+    let Bound { name, key, socket } = bound;
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,
             _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let setup = shared.runtime.load().listeners[index].setup.clone();
-                shared.tasks.spawn(crate::connection::serve(stream, peer, setup, shared.clone()));
+                let rt = shared.runtime.load();
+                let Some(&index) = rt.listener_index.get(&key) else { continue };
+                let setup = rt.listeners[index].setup.clone();
+                let generation = rt.generation;
+                drop(rt);
+                shared.tasks.spawn(crate::connection::serve(stream, peer, setup, generation, stop.clone(), shared.clone()));
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed");

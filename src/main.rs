@@ -34,6 +34,12 @@ enum Command {
         #[arg(short, long, default_value = "conf/tidegate.toml")]
         config: PathBuf,
     },
+    /// Ask the running tidegate (found through `pid_file`) to reload, and report the outcome.
+    Reload {
+        /// Config file (validated here first; the running instance reloads its own path).
+        #[arg(short, long, default_value = "conf/tidegate.toml")]
+        config: PathBuf,
+    },
     /// Start demo backends for every server of the demo config, and tidegate in front of them.
     Demo {
         /// Config file whose servers get a demo backend each.
@@ -47,6 +53,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => with_runtime(run(config)),
+        Command::Reload { config } => reload(&config),
         Command::Demo { config } => with_runtime(demo(config)),
     }
 }
@@ -106,13 +113,79 @@ async fn shutdown_signal() {
 async fn run(path: PathBuf) -> ExitCode {
     init_logging();
     let Some(config) = load(&path) else { return ExitCode::FAILURE };
-    match tidegate::run(config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let server = match tidegate::Server::bind(config) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("tidegate: cannot start: {e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    serve(server, path).await
+}
+
+/// Runs a bound server with reload triggers and the pid file until SIGTERM/SIGINT.
+async fn serve(server: tidegate::Server, path: PathBuf) -> ExitCode {
+    let shared = server.shared();
+    let pid_file = shared.runtime.load().config.pid_file.clone();
+    if let Some(p) = &pid_file
+        && let Err(e) = std::fs::write(p, format!("{}\n", std::process::id()))
+    {
+        eprintln!("tidegate: cannot write pid file {}: {e}", p.display());
+        return ExitCode::FAILURE;
     }
+    tokio::spawn(tidegate::reload::watch(shared.clone(), path));
+    let token = server.shutdown_token();
+    let run = tokio::spawn(server.run());
+    shutdown_signal().await;
+    token.cancel();
+    let _ = run.await;
+    if let Some(p) = &pid_file {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(tidegate::reload::status_path(p));
+    }
+    ExitCode::SUCCESS
+}
+
+fn reload(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else { return ExitCode::FAILURE };
+    let Some(pid_file) = config.pid_file else {
+        eprintln!("{}: no pid_file set, so the running tidegate cannot be found; add pid_file = \"...\" or send it SIGHUP", path.display());
+        return ExitCode::FAILURE;
+    };
+    let pid: i32 = match std::fs::read_to_string(&pid_file).map(|s| s.trim().parse()) {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => {
+            eprintln!("pid file {} does not hold a pid", pid_file.display());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("cannot read pid file {}: {e} (is tidegate running?)", pid_file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let before = tidegate::reload::read_status(&pid_file).map_or(0, |s| s.0);
+    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP) {
+        eprintln!("cannot signal tidegate (pid {pid}): {e}");
+        return ExitCode::FAILURE;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some((attempt, ok, message)) = tidegate::reload::read_status(&pid_file)
+            && attempt > before
+        {
+            return if ok {
+                println!("reload applied ({})", message.trim());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{message}");
+                eprintln!("reload refused; the previous config stays in force");
+                ExitCode::FAILURE
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("tidegate (pid {pid}) did not report a reload within 10s");
+    ExitCode::FAILURE
 }
 
 async fn demo(path: PathBuf) -> ExitCode {
@@ -147,10 +220,5 @@ async fn demo(path: PathBuf) -> ExitCode {
          \x20 cargo run --release --example ws_client -- ws://{addr}/chat   # WebSocket echo through tidegate\n\n\
          Stop with Ctrl-C.\n"
     );
-    let token = server.shutdown_token();
-    let run = tokio::spawn(server.run());
-    shutdown_signal().await;
-    token.cancel();
-    let _ = run.await;
-    ExitCode::SUCCESS
+    serve(server, path).await
 }

@@ -221,8 +221,12 @@ async fn forward(
     };
     let host = host_without_port(host_value.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?);
     let path = req.uri.path();
-    let listener_cfg = &rt.config.listeners[cx.listener];
-    let Some(up_idx) = rt.listeners[cx.listener].router.find(host, path) else {
+    // The connection's listener in this snapshot: by index while nothing was reloaded since
+    // the accept, else by key.
+    let li = if rt.generation == cx.generation { Some(cx.listener) } else { rt.listener_index.get(&*cx.listener_key).copied() };
+    let Some(li) = li else { return Err(ProxyError::ListenerGone) };
+    let listener_cfg = &rt.config.listeners[li];
+    let Some(up_idx) = rt.listeners[li].router.find(host, path) else {
         return Err(ProxyError::NoRoute { host: host.to_string(), path: path.to_string() });
     };
     let upstream = &rt.upstreams[up_idx];
@@ -389,7 +393,10 @@ fn start_tunnel(
     parts.headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
 
     let idle = upstream.cfg.timeouts.tunnel_idle;
-    let shutdown = cx.shared.shutdown.clone();
+    // Shutdown closes tunnels spread over up to half the grace period, so that clients do
+    // not all reconnect elsewhere in the same second, yet all are closed in time.
+    let shutdown_spread = upstream.cfg.drain.spread.min(cx.shared.runtime.load().shutdown_timeout / 2);
+    let close = crate::tunnel::close_signal(cx.shared.shutdown.clone(), guard.backend().drain_watch(), shutdown_spread);
     let peer = cx.peer;
     cx.shared.tasks.spawn(async move {
         let (client, server) = match tokio::try_join!(client_upgrade, server_upgrade) {
@@ -407,7 +414,7 @@ fn start_tunnel(
             Ok(p) => (p.io.into_inner(), p.read_buf),
             Err(_) => return tracing::error!("server upgrade is not a tidegate upstream stream"),
         };
-        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, &shutdown, ws::CLOSE_GOING_AWAY).await;
+        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, close).await;
         drop(guard);
         if let Some(log) = log {
             log.emit_tunnel(&stats);

@@ -57,6 +57,17 @@ pub struct BackendState {
     report_ttl: AtomicU64,
     /// The last active check, for observation.
     last_check: Mutex<Option<CheckResult>>,
+    /// Set while the backend drains (a reload removed it or set it `down`); tunnels watch it.
+    drain: tokio::sync::watch::Sender<Option<DrainPlan>>,
+}
+
+/// When and how a draining backend's tunnels are closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPlan {
+    pub since: Instant,
+    pub timeout: Duration,
+    pub spread: Duration,
+    pub close_code: u16,
 }
 
 /// Active health state of a backend.
@@ -124,7 +135,40 @@ impl BackendState {
             reported_at: AtomicU64::new(0),
             report_ttl: AtomicU64::new(0),
             last_check: Mutex::new(None),
+            drain: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Starts draining (no-op when already draining): idle pooled connections are closed
+    /// now, tunnels close per the plan.
+    pub fn start_drain(&self, plan: DrainPlan) {
+        let started = self.drain.send_if_modified(|p| {
+            if p.is_none() {
+                *p = Some(plan);
+                true
+            } else {
+                false
+            }
+        });
+        if started {
+            self.pool.clear();
+            tracing::info!(upstream = %self.id.upstream, backend = %self.id.addr, drain_timeout = ?plan.timeout, drain_spread = ?plan.spread, tunnels = self.active(), "backend draining");
+        }
+    }
+
+    /// The backend is back (re-added, or no longer down): pending tunnel closes are called off.
+    pub fn stop_drain(&self) {
+        if self.drain.send_if_modified(|p| p.take().is_some()) {
+            tracing::info!(upstream = %self.id.upstream, backend = %self.id.addr, "backend drain cancelled");
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain.borrow().is_some()
+    }
+
+    pub fn drain_watch(&self) -> tokio::sync::watch::Receiver<Option<DrainPlan>> {
+        self.drain.subscribe()
     }
 
     /// In-flight requests plus open tunnels through this process.
@@ -334,12 +378,16 @@ impl std::fmt::Debug for ListenerRuntime {
 pub struct Runtime {
     pub config: Arc<Config>,
     pub listeners: Vec<ListenerRuntime>,
+    /// `listener::listener_key` → index in `listeners`.
+    pub listener_index: HashMap<String, usize>,
     pub upstreams: Vec<Upstream>,
     pub shutdown_timeout: Duration,
+    /// Counts applied configs: 1 at start, +1 per successful reload.
+    pub generation: u64,
 }
 
 impl Runtime {
-    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, String> {
+    pub fn build(config: Config, registry: &Registry, generation: u64) -> Result<Runtime, String> {
         let upstreams = config
             .upstreams
             .iter()
@@ -357,6 +405,7 @@ impl Runtime {
             })
             .collect();
         let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut listener_index = HashMap::new();
         for (index, l) in config.listeners.iter().enumerate() {
             let tls = match &l.tls {
                 None => None,
@@ -365,8 +414,20 @@ impl Runtime {
                     Some((tokio_rustls::TlsAcceptor::from(server), t.handshake_timeout))
                 }
             };
-            listeners.push(ListenerRuntime { router: Router::new(&l.routes), setup: ListenerSetup { index, timeouts: l.timeouts, tls } });
+            let key = crate::listener::listener_key(l);
+            listener_index.insert(key.clone(), index);
+            listeners.push(ListenerRuntime {
+                router: Router::new(&l.routes),
+                setup: ListenerSetup { index, key: key.into(), timeouts: l.timeouts, tls },
+            });
         }
-        Ok(Runtime { shutdown_timeout: config.shutdown_timeout, config: Arc::new(config), listeners, upstreams })
+        Ok(Runtime {
+            shutdown_timeout: config.shutdown_timeout,
+            config: Arc::new(config),
+            listeners,
+            listener_index,
+            upstreams,
+            generation,
+        })
     }
 }

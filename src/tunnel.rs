@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::ws::{FrameTracker, close_frame};
+use crate::runtime::DrainPlan;
+use crate::ws::{CLOSE_GOING_AWAY, FrameTracker, close_frame};
 
 const SCRATCH_LEN: usize = 16 * 1024;
 /// Reads per direction per poll before yielding to other tasks.
@@ -36,7 +37,7 @@ pub enum TunnelEnd {
     Error,
     /// No byte either way for `tunnel_idle`.
     Idle,
-    /// tidegate closed it with a close frame (shutdown, later drain).
+    /// tidegate closed it with a close frame (shutdown, or its backend drained).
     Shutdown,
 }
 
@@ -205,16 +206,62 @@ fn poll_discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>,
     }
 }
 
-/// Relays until both sides close, an error, `idle` with no byte, or `shutdown` (then both
-/// sides get a close frame with `close_code` on a frame boundary).
+/// Resolves with the close code when tidegate must close this tunnel: at shutdown (after a
+/// random delay within `shutdown_spread`, 1001), or when its backend drains (at
+/// `since + drain_timeout` plus a random share of `drain_spread`, with the drain's code).
+/// A drain that is called off before its time is forgotten.
+pub async fn close_signal(
+    shutdown: CancellationToken,
+    mut drain: tokio::sync::watch::Receiver<Option<DrainPlan>>,
+    shutdown_spread: Duration,
+) -> u16 {
+    loop {
+        let plan = *drain.borrow_and_update();
+        let at = plan.map(|p| p.since + p.timeout + jitter(p.spread));
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                tokio::time::sleep(jitter(shutdown_spread)).await;
+                return CLOSE_GOING_AWAY;
+            }
+            _ = async { tokio::time::sleep_until(at.expect("guarded").into()).await }, if at.is_some() => {
+                return plan.map_or(CLOSE_GOING_AWAY, |p| p.close_code);
+            }
+            changed = drain.changed() => {
+                if changed.is_err() {
+                    // The backend state is gone; only shutdown can close us now.
+                    shutdown.cancelled().await;
+                    return CLOSE_GOING_AWAY;
+                }
+            }
+        }
+    }
+}
+
+/// A uniformly random delay in `[0, spread)`.
+fn jitter(spread: Duration) -> Duration {
+    if spread.is_zero() {
+        return Duration::ZERO;
+    }
+    let r = (rand_mask_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    spread.mul_f64(r)
+}
+
+fn rand_mask_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+/// Relays until both sides close, an error, `idle` with no byte, or until `close` resolves
+/// (then both sides get a close frame with its code, on a frame boundary).
 pub async fn relay<C, S>(
     mut client: C,
     client_early: &[u8],
     mut server: S,
     server_early: &[u8],
     idle: Duration,
-    shutdown: &CancellationToken,
-    close_code: u16,
+    close: impl std::future::Future<Output = u16>,
 ) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -227,11 +274,13 @@ where
     // Client close frames seen when we started closing: one more means the client answered.
     let mut client_closes = 0;
     let mut idle_timer = pin!(tokio::time::sleep(idle));
-    let mut shutdown_wait = pin!(shutdown.cancelled());
+    let mut close = pin!(close);
 
     let end = poll_fn(|cx| {
         loop {
-            if closing.is_none() && shutdown_wait.as_mut().poll(cx).is_ready() {
+            if closing.is_none()
+                && let Poll::Ready(close_code) = close.as_mut().poll(cx)
+            {
                 closing = Some(close_code);
                 client_closes = c2s.frames.closes_seen();
                 idle_timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());

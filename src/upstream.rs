@@ -58,6 +58,11 @@ impl Pool {
         idle.push((s, Instant::now()));
     }
 
+    /// Drops every idle connection (the backend is draining).
+    pub fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     pub fn len(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

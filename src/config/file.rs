@@ -12,6 +12,8 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     pub shutdown_timeout: Option<Spanned<String>>,
+    pub pid_file: Option<Spanned<String>>,
+    pub reload_on_change: Option<bool>,
     #[serde(default)]
     pub listener: Vec<Spanned<FileListener>>,
     /// Keyed by name; file order is recovered from the key spans.
@@ -88,6 +90,9 @@ pub(super) struct FileUpstream {
     pub health: Option<Spanned<FileHealth>>,
     pub fail_on: Option<Vec<Spanned<toml::Value>>>,
     pub panic_threshold: Option<Spanned<f64>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub drain_spread: Option<Spanned<String>>,
+    pub drain_close_code: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -44,6 +44,30 @@ pub struct Config {
     /// Problems that do not stop the config from loading (a certificate near expiry,
     /// `verify = false`): printed by `check`, logged at every load.
     pub warnings: Vec<ConfigError>,
+    /// Where `run` writes its pid (and `tidegate reload` finds it). Default: none.
+    pub pid_file: Option<PathBuf>,
+    /// Reload when the config file or a certificate/key it names changes (`reload_on_change`,
+    /// default true).
+    pub reload_on_change: bool,
+}
+
+impl Config {
+    /// Every file whose change should trigger a reload: this config and the TLS files it names.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.source.clone()];
+        for l in &self.listeners {
+            for c in l.tls.iter().flat_map(|t| &t.certificates) {
+                files.push(c.cert.clone());
+                files.push(c.key.clone());
+            }
+        }
+        for u in &self.upstreams {
+            if let Some(ca) = u.tls.as_ref().and_then(|t| t.ca.clone()) {
+                files.push(ca);
+            }
+        }
+        files
+    }
 }
 
 impl Config {
@@ -265,6 +289,26 @@ pub struct UpstreamConfig {
     /// When fewer than this share of servers is healthy, balance over all of them (Envoy's
     /// panic mode). None: off.
     pub panic_threshold: Option<f64>,
+    pub drain: DrainConfig,
+}
+
+/// How tunnels to a server that was removed or set `down` are closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainConfig {
+    /// Tunnels keep running this long after the server went away (`drain_timeout`, default
+    /// 10m; 0s: at once).
+    pub timeout: Duration,
+    /// The closes are spread with jitter over this window (`drain_spread`, default 30s), so
+    /// clients do not all reconnect in the same second.
+    pub spread: Duration,
+    /// Close code sent to the client: 1001 Going Away (default) or 1012 Service Restart.
+    pub close_code: u16,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig { timeout: Duration::from_secs(600), spread: Duration::from_secs(30), close_code: 1001 }
+    }
 }
 
 impl UpstreamConfig {
@@ -281,6 +325,7 @@ impl UpstreamConfig {
             health: None,
             fail_on: FailOn::default(),
             panic_threshold: None,
+            drain: DrainConfig::default(),
         }
     }
 }

@@ -13,9 +13,9 @@ use super::file::{
     FileServer, FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
 };
 use super::{
-    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, FailOn, Fallback, HashConfig, HashKey, HealthConfig, HealthKind,
-    HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig, SameSite, ServerConfig,
-    TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
+    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, DrainConfig, FailOn, Fallback, HashConfig, HashKey, HealthConfig,
+    HealthKind, HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig, SameSite,
+    ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,7 +93,8 @@ impl Ctx<'_> {
     }
 
     fn config(&mut self, file: FileConfig) -> Config {
-        let FileConfig { shutdown_timeout, listener, upstream } = file;
+        let FileConfig { shutdown_timeout, pid_file, reload_on_change, listener, upstream } = file;
+        let pid_file = pid_file.map(|p| self.resolve_path(p.get_ref()));
         let shutdown_timeout = self.duration(shutdown_timeout.as_ref(), "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT);
 
         // Upstreams first (in file order) so routes can refer to them by index.
@@ -114,7 +115,15 @@ impl Ctx<'_> {
             let l = self.listener(l, line, &names, &mut seen_names, &mut seen_binds);
             listeners.push(l);
         }
-        Config { source: self.path.to_path_buf(), shutdown_timeout, listeners, upstreams, warnings: Vec::new() }
+        Config {
+            source: self.path.to_path_buf(),
+            shutdown_timeout,
+            listeners,
+            upstreams,
+            warnings: Vec::new(),
+            pid_file,
+            reload_on_change: reload_on_change.unwrap_or(true),
+        }
     }
 
     fn listener(
@@ -461,7 +470,36 @@ impl Ctx<'_> {
     }
 
     fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
-        let FileUpstream { balance, ip_hash, cookie, hash, keepalive, tries, servers, timeouts, tls, health, fail_on, panic_threshold } = u;
+        let FileUpstream {
+            balance,
+            ip_hash,
+            cookie,
+            hash,
+            keepalive,
+            tries,
+            servers,
+            timeouts,
+            tls,
+            health,
+            fail_on,
+            panic_threshold,
+            drain_timeout,
+            drain_spread,
+            drain_close_code,
+        } = u;
+        let d = DrainConfig::default();
+        let drain = DrainConfig {
+            timeout: self.duration_or_zero(drain_timeout.as_ref(), "drain_timeout", d.timeout),
+            spread: self.duration_or_zero(drain_spread.as_ref(), "drain_spread", d.spread),
+            close_code: match drain_close_code {
+                None => d.close_code,
+                Some(c) if matches!(*c.get_ref(), 1001 | 1012) => *c.get_ref() as u16,
+                Some(c) => {
+                    self.error_at(&c, format!("drain_close_code must be 1001 (Going Away) or 1012 (Service Restart), got {}", c.get_ref()));
+                    d.close_code
+                }
+            },
+        };
         let tls = tls.and_then(|t| self.upstream_tls(t));
         let health = health.map(|h| self.health(h));
         let fail_on = self.fail_on(fail_on);
@@ -529,7 +567,19 @@ impl Ctx<'_> {
             }
         }
 
-        UpstreamConfig { name: name.into_inner(), balance, servers: out, timeouts, keepalive, tries, tls, health, fail_on, panic_threshold }
+        UpstreamConfig {
+            name: name.into_inner(),
+            balance,
+            servers: out,
+            timeouts,
+            keepalive,
+            tries,
+            tls,
+            health,
+            fail_on,
+            panic_threshold,
+            drain,
+        }
     }
 
     /// `balance` and the tables that refine it; a table for another algorithm is an error.
@@ -775,6 +825,18 @@ impl Ctx<'_> {
                 };
                 self.error_at(v, msg);
                 None
+            }
+        }
+    }
+
+    /// A duration key that may be zero ("0s": at once); `default` when absent or invalid.
+    fn duration_or_zero(&mut self, v: Option<&Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error_at(v, format!("{key}: {e}"));
+                default
             }
         }
     }
