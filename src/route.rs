@@ -36,6 +36,21 @@ fn host_matches(m: &HostMatch, host: &str) -> bool {
     }
 }
 
+impl Router {
+    /// `tls_passthrough`: the first route whose `sni` matches the ClientHello's server name;
+    /// a route without `sni` is the default (also for a ClientHello without SNI).
+    pub fn find_sni(&self, sni: Option<&str>) -> Option<usize> {
+        self.routes
+            .iter()
+            .find(|r| match (&r.sni, sni) {
+                (None, _) => true,
+                (Some(m), Some(name)) => host_matches(m, name),
+                (Some(_), None) => false,
+            })
+            .map(|r| r.upstream)
+    }
+}
+
 /// Plain string prefix, as nginx's `location /prefix` does.
 fn path_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
@@ -60,7 +75,7 @@ mod tests {
     use super::*;
 
     fn route(host: Option<HostMatch>, prefix: Option<&str>, upstream: usize) -> RouteConfig {
-        RouteConfig { host, path_prefix: prefix.map(String::from), upstream }
+        RouteConfig { host, sni: None, path_prefix: prefix.map(String::from), upstream }
     }
 
     #[test]

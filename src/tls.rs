@@ -57,12 +57,16 @@ pub fn load_cert(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String
         }
         e => format!("key {} is not valid PEM: {e}", key_path.display()),
     })?;
-    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => {
-            format!("key {} does not match certificate {}", key_path.display(), cert_path.display())
+    // The key on its own first, so a bad key is reported as the key's problem.
+    let signing = provider().key_provider.load_private_key(key).map_err(|e| format!("key {} cannot be used: {e}", key_path.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(format!("key {} does not match certificate {}", key_path.display(), cert_path.display()));
         }
-        e => format!("cannot use key {} with certificate {}: {e}", key_path.display(), cert_path.display()),
-    })?;
+        Err(e) => return Err(format!("certificate {} cannot be used: {e}", cert_path.display())),
+    }
     let (names, not_after) = der::names_and_expiry(&certified.cert[0])
         .ok_or_else(|| format!("certificate {} could not be parsed (X.509 DER)", cert_path.display()))?;
     Ok(LoadedCert { key: Arc::new(certified), names, not_after })

@@ -321,8 +321,42 @@ fn help_lists_subcommands() {
 // check: the shipped configs
 // ---------------------------------------------------------------------------
 
+/// conf/tls.toml points at conf/tls/demo.crt and demo.key, which are not in git: make a
+/// self-signed pair for localhost and *.localhost when both are missing. The key is claimed
+/// first with a hard link (fails if it exists), so two concurrent runs never mix two pairs.
+fn ensure_demo_tls_files() {
+    let dir = manifest_dir().join("conf/tls");
+    let (cert, key) = (dir.join("demo.crt"), dir.join("demo.key"));
+    if !cert.exists() && !key.exists() {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "*.localhost".to_string()])
+            .expect("generate self-signed certificate");
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tag = format!("{}.{nanos}", std::process::id());
+        let (cert_tmp, key_tmp) = (dir.join(format!(".demo.crt.{tag}")), dir.join(format!(".demo.key.{tag}")));
+        std::fs::write(&cert_tmp, made.cert.pem()).expect("write temp certificate");
+        std::fs::write(&key_tmp, made.signing_key.serialize_pem()).expect("write temp key");
+        if std::fs::hard_link(&key_tmp, &key).is_ok() {
+            std::fs::rename(&cert_tmp, &cert).expect("install conf/tls/demo.crt");
+        }
+        let _ = std::fs::remove_file(&key_tmp);
+        let _ = std::fs::remove_file(&cert_tmp);
+    }
+    // Another run may be between writing the key and the certificate.
+    let deadline = Instant::now() + QUICK;
+    while !(cert.exists() && key.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "only one of {} and {} exists; remove it so a matching pair can be generated",
+            cert.display(),
+            key.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn check_accepts_every_shipped_config() {
+    ensure_demo_tls_files();
     let dir = manifest_dir().join("conf");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))

@@ -30,6 +30,8 @@ pub(super) struct FileListener {
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     pub timeouts: Option<FileListenerTimeouts>,
     pub tls: Option<Spanned<FileListenerTls>>,
+    pub upstream: Option<Spanned<String>>,
+    pub accept_proxy: Option<Spanned<bool>>,
     #[serde(default)]
     pub route: Vec<Spanned<FileRoute>>,
 }
@@ -71,6 +73,7 @@ pub(super) struct FileListenerTimeouts {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRoute {
     pub host: Option<Spanned<String>>,
+    pub sni: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
     pub upstream: Spanned<String>,
 }
@@ -93,6 +96,7 @@ pub(super) struct FileUpstream {
     pub drain_timeout: Option<Spanned<String>>,
     pub drain_spread: Option<Spanned<String>>,
     pub drain_close_code: Option<Spanned<i64>>,
+    pub send_proxy: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,7 +78,29 @@ impl Config {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerMode {
+    /// HTTP/1.1 with WebSocket upgrades.
     Http,
+    /// Layer 4: each connection is balanced and spliced to a server (`upstream = "..."`).
+    Tcp,
+    /// Layer 4 routed by the TLS ClientHello's SNI, without terminating TLS.
+    TlsPassthrough,
+}
+
+impl ListenerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerMode::Http => "http",
+            ListenerMode::Tcp => "tcp",
+            ListenerMode::TlsPassthrough => "tls_passthrough",
+        }
+    }
+}
+
+/// `send_proxy`: tell servers the real client address with the PROXY protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendProxy {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +115,8 @@ pub struct ListenerConfig {
     pub trusted_proxies: Vec<Cidr>,
     /// TLS termination (`[listener.tls]`); plain HTTP when absent.
     pub tls: Option<ListenerTls>,
+    /// Read a PROXY protocol header (v1 or v2) first; only from `trusted_proxies`.
+    pub accept_proxy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +181,8 @@ pub enum HostMatch {
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub host: Option<HostMatch>,
+    /// `tls_passthrough` listeners: the ClientHello's server name.
+    pub sni: Option<HostMatch>,
     pub path_prefix: Option<String>,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
@@ -290,6 +316,9 @@ pub struct UpstreamConfig {
     /// panic mode). None: off.
     pub panic_threshold: Option<f64>,
     pub drain: DrainConfig,
+    /// PROXY protocol header sent on every new connection to a server. Pooling is off then,
+    /// since a pooled connection would carry another client's address.
+    pub send_proxy: Option<SendProxy>,
 }
 
 /// How tunnels to a server that was removed or set `down` are closed.
@@ -326,6 +355,7 @@ impl UpstreamConfig {
             fail_on: FailOn::default(),
             panic_threshold: None,
             drain: DrainConfig::default(),
+            send_proxy: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::duration::format_duration;
-use super::{Balance, Config, HostMatch, ListenerMode, ServerConfig};
+use super::{Balance, Config, HostMatch, ServerConfig};
 
 /// Renders `c` for humans; the last line is `configuration OK`.
 pub fn summary(c: &Config) -> String {
@@ -18,9 +18,7 @@ fn write_summary(out: &mut String, c: &Config) -> std::fmt::Result {
     writeln!(out, "shutdown_timeout {}", format_duration(c.shutdown_timeout))?;
 
     for l in &c.listeners {
-        let mode = match l.mode {
-            ListenerMode::Http => "http",
-        };
+        let mode = l.mode.name();
         writeln!(out, "listener {:?} bind {} mode {mode}", l.name, l.bind)?;
         writeln!(
             out,

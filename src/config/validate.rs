@@ -15,7 +15,7 @@ use super::file::{
 use super::{
     Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, DrainConfig, FailOn, Fallback, HashConfig, HashKey, HealthConfig,
     HealthKind, HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig, SameSite,
-    ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
+    SendProxy, ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -135,7 +135,7 @@ impl Ctx<'_> {
         seen_binds: &mut Vec<(SocketAddr, String, usize)>,
     ) -> ListenerConfig {
         let header = l.span().start;
-        let FileListener { name, bind, mode, trusted_proxies, timeouts, tls, route } = l.into_inner();
+        let FileListener { name, bind, mode, trusted_proxies, timeouts, tls, upstream, accept_proxy, route } = l.into_inner();
 
         if name.get_ref().trim().is_empty() {
             self.error_at(&name, "listener name must not be empty");
@@ -178,12 +178,10 @@ impl Ctx<'_> {
             None => ListenerMode::Http,
             Some(m) => match m.get_ref().as_str() {
                 "http" => ListenerMode::Http,
-                "tcp" => {
-                    self.error_at(&m, r#"mode "tcp" is not supported yet; expected "http""#);
-                    ListenerMode::Http
-                }
+                "tcp" => ListenerMode::Tcp,
+                "tls_passthrough" => ListenerMode::TlsPassthrough,
                 other => {
-                    self.error_at(&m, format!(r#"unknown mode {other:?}; expected "http""#));
+                    self.error_at(&m, format!(r#"unknown mode {other:?}; expected "http", "tcp" or "tls_passthrough""#));
                     ListenerMode::Http
                 }
             },
@@ -209,17 +207,57 @@ impl Ctx<'_> {
             }
         };
 
-        if route.is_empty() {
-            let msg = format!(
-                "listener {:?} (line {header_line}) has no routes; add at least one [[listener.route]] with an upstream",
-                name.get_ref()
-            );
-            self.error(Some(header), msg);
-        }
-        let routes = route.into_iter().map(|r| self.route(r.into_inner(), upstream_names)).collect();
+        let routes: Vec<RouteConfig> = match (mode, upstream) {
+            (ListenerMode::Tcp, Some(u)) => {
+                for r in &route {
+                    self.error_at(r, r#"a mode = "tcp" listener sends everything to its `upstream`; [[listener.route]] is not used"#);
+                }
+                let index = self.upstream_ref(&u, upstream_names);
+                vec![RouteConfig { host: None, sni: None, path_prefix: None, upstream: index }]
+            }
+            (ListenerMode::Tcp, None) => {
+                let msg = format!(
+                    r#"listener {:?} (line {header_line}) has mode = "tcp" but no upstream; add upstream = "NAME""#,
+                    name.get_ref()
+                );
+                self.error(Some(header), msg);
+                Vec::new()
+            }
+            (_, Some(u)) => {
+                self.error_at(&u, r#"`upstream` on a listener applies to mode = "tcp" only; use [[listener.route]] here"#);
+                Vec::new()
+            }
+            (_, None) => {
+                if route.is_empty() {
+                    let msg = format!(
+                        "listener {:?} (line {header_line}) has no routes; add at least one [[listener.route]] with an upstream",
+                        name.get_ref()
+                    );
+                    self.error(Some(header), msg);
+                }
+                route.into_iter().map(|r| self.route(r, mode, upstream_names)).collect()
+            }
+        };
 
+        let accept_proxy = match accept_proxy {
+            Some(a) if *a.get_ref() => {
+                if proxies.is_empty() {
+                    self.error_at(&a, "accept_proxy needs trusted_proxies: the addresses of the balancers allowed to send PROXY headers");
+                }
+                true
+            }
+            _ => false,
+        };
+        if mode == ListenerMode::TlsPassthrough
+            && let Some(t) = &tls
+        {
+            self.error_at(
+                t,
+                r#"a mode = "tls_passthrough" listener does not terminate TLS; remove [listener.tls] (or use mode = "tcp" to terminate)"#,
+            );
+        }
         let tls = tls.map(|t| self.listener_tls(t));
-        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies, tls }
+        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies, tls, accept_proxy }
     }
 
     /// `[listener.tls]`: loads every certificate now, so `check` and a reload catch a missing,
@@ -436,21 +474,44 @@ impl Ctx<'_> {
         f
     }
 
-    fn route(&mut self, r: FileRoute, upstream_names: &[String]) -> RouteConfig {
-        let FileRoute { host, path_prefix, upstream } = r;
-        let host = host.and_then(|h| match parse_host(h.get_ref()) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                self.error_at(&h, e);
-                None
+    fn route(&mut self, r: Spanned<FileRoute>, mode: ListenerMode, upstream_names: &[String]) -> RouteConfig {
+        let at = r.span().start;
+        let FileRoute { host, sni, path_prefix, upstream } = r.into_inner();
+        let parse = |h: Option<Spanned<String>>, this: &mut Self| {
+            h.and_then(|h| match parse_host(h.get_ref()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    this.error_at(&h, e);
+                    None
+                }
+            })
+        };
+        if mode == ListenerMode::TlsPassthrough {
+            for (key, present) in [("host", host.is_some()), ("path_prefix", path_prefix.is_some())] {
+                if present {
+                    self.error(
+                        Some(at),
+                        format!(r#"`{key}` cannot be seen on a mode = "tls_passthrough" listener (TLS is not terminated); route by `sni`"#),
+                    );
+                }
             }
-        });
+        } else if let Some(s) = &sni {
+            self.error_at(s, r#"`sni` routes apply to mode = "tls_passthrough" listeners; on HTTP listeners route by `host`"#);
+        }
+        let host = parse(host, self);
+        let sni = parse(sni, self);
         if let Some(p) = &path_prefix
             && let Err(e) = check_path_prefix(p.get_ref())
         {
             self.error_at(p, e);
         }
-        let index = match upstream_names.iter().position(|n| n == upstream.get_ref()) {
+        let index = self.upstream_ref(&upstream, upstream_names);
+        RouteConfig { host, sni, path_prefix: path_prefix.map(Spanned::into_inner), upstream: index }
+    }
+
+    /// Resolves an upstream name used by a route or a TCP listener.
+    fn upstream_ref(&mut self, upstream: &Spanned<String>, upstream_names: &[String]) -> usize {
+        match upstream_names.iter().position(|n| n == upstream.get_ref()) {
             Some(i) => i,
             None => {
                 let msg = if upstream_names.is_empty() {
@@ -462,11 +523,10 @@ impl Ctx<'_> {
                 } else {
                     format!("unknown upstream {:?}; defined upstreams: {}", upstream.get_ref(), upstream_names.join(", "))
                 };
-                self.error_at(&upstream, msg);
+                self.error_at(upstream, msg);
                 0
             }
-        };
-        RouteConfig { host, path_prefix: path_prefix.map(Spanned::into_inner), upstream: index }
+        }
     }
 
     fn upstream(&mut self, name: Spanned<String>, u: FileUpstream) -> UpstreamConfig {
@@ -486,7 +546,16 @@ impl Ctx<'_> {
             drain_timeout,
             drain_spread,
             drain_close_code,
+            send_proxy,
         } = u;
+        let send_proxy = send_proxy.and_then(|v| match v.get_ref().as_str() {
+            "v1" => Some(SendProxy::V1),
+            "v2" => Some(SendProxy::V2),
+            other => {
+                self.error_at(&v, format!(r#"invalid send_proxy {other:?}; expected "v1" or "v2""#));
+                None
+            }
+        });
         let d = DrainConfig::default();
         let drain = DrainConfig {
             timeout: self.duration_or_zero(drain_timeout.as_ref(), "drain_timeout", d.timeout),
@@ -579,6 +648,7 @@ impl Ctx<'_> {
             fail_on,
             panic_threshold,
             drain,
+            send_proxy,
         }
     }
 
