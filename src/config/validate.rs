@@ -1273,13 +1273,18 @@ servers = [{ addr = "127.0.0.1:9001" }]
     fn unknown_keys_elsewhere() {
         let (line, col, msg) = one_err(&format!("shutdown = \"1s\"\n{GOOD}"));
         assert_eq!((line, col), (1, 1));
-        assert!(msg.starts_with(r#"unknown key "shutdown" at top level; expected one of: shutdown_timeout, listener, upstream"#), "{msg}");
+        assert!(
+            msg.starts_with(
+                r#"unknown key "shutdown" at top level; expected one of: shutdown_timeout, pid_file, reload_on_change, listener, upstream"#
+            ),
+            "{msg}"
+        );
         let (line, _, msg) = one_err(&GOOD.replace("bind =", "port = 1\nbind ="));
         assert_eq!(line, 4);
         assert!(msg.contains("in [[listener]]"), "{msg}");
         let (line, _, msg) = one_err(&GOOD.replace("upstream = \"chat\"", "upstream = \"chat\"\n  hots = \"x\""));
         assert_eq!(line, 8);
-        assert!(msg.contains("in [[listener.route]]; expected one of: host, path_prefix, upstream"), "{msg}");
+        assert!(msg.contains("in [[listener.route]]; expected one of: host, sni, path_prefix, upstream"), "{msg}");
         let (line, _, msg) = one_err(&GOOD.replace("servers =", "balanse = \"x\"\nservers ="));
         assert_eq!(line, 10);
         assert!(msg.contains("in upstream;"), "{msg}");
@@ -1392,7 +1397,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
 [[listener]]
 name = "a"
 bind = "nope"
-mode = "tcp"
+mode = "udp"
 trusted_proxies = ["10.0.0.0/33"]
 timeouts = { header_read = "-1s" }
   [[listener.route]]
@@ -1423,7 +1428,7 @@ servers = [{ addr = "127.0.0.1:1", down = true }]
         let expect = [
             (1, "shutdown_timeout must be greater than 0"),
             (4, r#"invalid address "nope""#),
-            (5, r#"mode "tcp" is not supported yet; expected "http""#),
+            (5, r#"unknown mode "udp"; expected "http", "tcp" or "tls_passthrough""#),
             (6, "invalid CIDR"),
             (7, r#"invalid duration "-1s""#),
             (9, "must not contain a port"),
