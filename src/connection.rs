@@ -227,7 +227,10 @@ pub struct ConnCtx {
     pub listener: usize,
     pub listener_key: Arc<str>,
     pub generation: u64,
+    /// The client: the socket's peer, or the address from a trusted PROXY header.
     pub peer: SocketAddr,
+    /// The address the client connected to (for PROXY headers sent upstream).
+    pub local: SocketAddr,
     pub tls: bool,
     pub phase: Arc<ConnPhase>,
 }
@@ -240,18 +243,45 @@ pub struct ListenerSetup {
     pub key: Arc<str>,
     pub timeouts: ListenerTimeouts,
     pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    pub mode: crate::config::ListenerMode,
+    /// Read a PROXY header first, from these peers only.
+    pub accept_proxy: bool,
+    pub trusted: Arc<[crate::config::Cidr]>,
+}
+
+/// With `accept_proxy`: the client address from the PROXY header, read within the header
+/// deadline from a trusted peer. `Err` means the connection must be closed.
+pub async fn proxied_client(stream: &mut TcpStream, peer: SocketAddr, setup: &ListenerSetup) -> Result<SocketAddr, String> {
+    if !setup.accept_proxy {
+        return Ok(peer);
+    }
+    let ip = peer.ip().to_canonical();
+    if !setup.trusted.iter().any(|c| c.contains(ip)) {
+        return Err(format!("PROXY header from {peer}, which is not in trusted_proxies"));
+    }
+    match tokio::time::timeout(setup.timeouts.header_read, crate::proxy_protocol::read_header(stream)).await {
+        Ok(Ok(crate::proxy_protocol::Header::Proxied { source, .. })) => Ok(source),
+        Ok(Ok(_)) => Ok(peer),
+        Ok(Err(e)) => Err(format!("bad PROXY header from {peer}: {e}")),
+        Err(_) => Err(format!("no PROXY header from {peer} within {:?}", setup.timeouts.header_read)),
+    }
 }
 
 /// Serves one accepted client connection until it closes or shutdown finishes it.
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     setup: ListenerSetup,
     generation: u64,
     listener_stop: tokio_util::sync::CancellationToken,
     shared: Arc<Shared>,
 ) {
-    let ListenerSetup { index: listener, key: listener_key, timeouts, tls } = setup;
+    let peer = match proxied_client(&mut stream, peer, &setup).await {
+        Ok(p) => p,
+        Err(e) => return tracing::debug!("{e}; connection closed"),
+    };
+    let local = stream.local_addr().unwrap_or(peer);
+    let ListenerSetup { index: listener, key: listener_key, timeouts, tls, .. } = setup;
     let phase = Arc::new(ConnPhase::new());
     let stream = match tls {
         None => ClientStream::Tcp(stream),
@@ -264,7 +294,7 @@ pub async fn serve(
     let is_tls = matches!(stream, ClientStream::Tls(_));
     let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, tls: is_tls, phase });
+    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, tls: is_tls, phase });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }

@@ -247,7 +247,7 @@ fn load_from_headers(name: &str, h: &HeaderMap) -> Result<u32, String> {
 }
 
 async fn check(addr: SocketAddr, cfg: &HealthConfig, tls: Option<&UpstreamTls>) -> Outcome {
-    let stream = match connect_stream(addr, cfg.timeout, tls).await {
+    let stream = match connect_stream(addr, cfg.timeout, tls, None).await {
         Ok(s) => s,
         Err(e) => return Outcome::fail(describe(&e)),
     };

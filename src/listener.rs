@@ -72,7 +72,14 @@ pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shar
                 let setup = rt.listeners[index].setup.clone();
                 let generation = rt.generation;
                 drop(rt);
-                shared.tasks.spawn(crate::connection::serve(stream, peer, setup, generation, stop.clone(), shared.clone()));
+                match setup.mode {
+                    crate::config::ListenerMode::Http => {
+                        shared.tasks.spawn(crate::connection::serve(stream, peer, setup, generation, stop.clone(), shared.clone()));
+                    }
+                    _ => {
+                        shared.tasks.spawn(crate::tcp::serve(stream, peer, setup, generation, shared.clone()));
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed");

@@ -275,7 +275,7 @@ async fn forward(
         return start_tunnel(resp, &key, client_upgrade, guard, log, upstream, backend_addr, cx);
     }
 
-    let max_idle = upstream.cfg.keepalive;
+    let max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body = ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()));
@@ -310,16 +310,18 @@ async fn dispatch(
         let Some(guard) = backend.state.try_acquire(backend.cfg.max_conns) else { continue };
         let addr = backend.addr();
         // A pooled connection first; if it turns out dead, a fresh one (not a failure).
-        let mut sender = backend.state.pool.take();
+        // With send_proxy every connection carries one client's address: no pooling.
+        let preamble = upstream.cfg.send_proxy.map(|v| crate::proxy_protocol::encode(v, cx.peer, cx.local));
+        let mut sender = if preamble.is_some() { None } else { backend.state.pool.take() };
         loop {
             let mut s = match sender.take() {
                 Some(s) => s,
-                None => match upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref()).await {
+                None => match upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref(), preamble.as_deref()).await {
                     Ok(s) => s,
                     Err(e) => {
                         let counts = if matches!(e, ProxyError::ConnectTimeout { .. }) { fail_on.timeout } else { fail_on.connect };
                         if counts {
-                            passive_failure(upstream, i);
+                            upstream.passive_failure(i);
                         }
                         tracing::warn!(upstream = %upstream.name(), backend = %addr, error = %display_chain(&e), "connect failed, trying next server");
                         last_err = Some(e);
@@ -330,7 +332,7 @@ async fn dispatch(
             match upstream::send(&mut s, req, addr, timeouts.response_header).await {
                 Ok(resp) => {
                     if fail_on.statuses.contains(&resp.status().as_u16()) {
-                        passive_failure(upstream, i);
+                        upstream.passive_failure(i);
                     } else {
                         backend.state.record_success();
                     }
@@ -340,11 +342,11 @@ async fn dispatch(
                 Err(Ok(back)) => {
                     // The pooled connection was closed under us; the request never left.
                     req = back;
-                    sender = backend.state.pool.take();
+                    sender = if preamble.is_some() { None } else { backend.state.pool.take() };
                 }
                 Err(Err(e)) => {
                     if matches!(e, ProxyError::ResponseTimeout { .. }) && fail_on.timeout {
-                        passive_failure(upstream, i);
+                        upstream.passive_failure(i);
                     }
                     return Err(e);
                 }
@@ -352,19 +354,6 @@ async fn dispatch(
         }
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoServer { upstream: upstream.name().to_string() }))
-}
-
-/// Counts a passive failure and says so when it takes the backend out.
-fn passive_failure(upstream: &Upstream, i: usize) {
-    let backend = &upstream.backends[i];
-    let checked = upstream.cfg.health.is_some();
-    if backend.state.record_failure(&backend.cfg, now_ms(), checked) {
-        if checked {
-            tracing::warn!(upstream = %upstream.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, "backend unhealthy after max_fails passive failures; active checks bring it back");
-        } else {
-            tracing::warn!(upstream = %upstream.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, fail_timeout = ?backend.cfg.fail_timeout, "backend unavailable for fail_timeout after max_fails failures");
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -414,7 +403,7 @@ fn start_tunnel(
             Ok(p) => (p.io.into_inner(), p.read_buf),
             Err(_) => return tracing::error!("server upgrade is not a tidegate upstream stream"),
         };
-        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, close).await;
+        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, close, true).await;
         drop(guard);
         if let Some(log) = log {
             log.emit_tunnel(&stats);

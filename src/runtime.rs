@@ -344,6 +344,19 @@ impl Upstream {
         &self.cfg.name
     }
 
+    /// Counts a passive failure of backend `i`, and says so when it takes the backend out.
+    pub fn passive_failure(&self, i: usize) {
+        let backend = &self.backends[i];
+        let checked = self.cfg.health.is_some();
+        if backend.state.record_failure(&backend.cfg, now_ms(), checked) {
+            if checked {
+                tracing::warn!(upstream = %self.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, "backend unhealthy after max_fails passive failures; active checks bring it back");
+            } else {
+                tracing::warn!(upstream = %self.name(), backend = %backend.addr(), max_fails = backend.cfg.max_fails, fail_timeout = ?backend.cfg.fail_timeout, "backend unavailable for fail_timeout after max_fails failures");
+            }
+        }
+    }
+
     /// Envoy's panic mode: with active checks and `panic_threshold` set, when fewer than that
     /// share of the primary servers is healthy, health is disregarded so the few healthy ones
     /// are not overwhelmed.
@@ -418,7 +431,15 @@ impl Runtime {
             listener_index.insert(key.clone(), index);
             listeners.push(ListenerRuntime {
                 router: Router::new(&l.routes),
-                setup: ListenerSetup { index, key: key.into(), timeouts: l.timeouts, tls },
+                setup: ListenerSetup {
+                    index,
+                    key: key.into(),
+                    timeouts: l.timeouts,
+                    tls,
+                    mode: l.mode,
+                    accept_proxy: l.accept_proxy,
+                    trusted: l.trusted_proxies.clone().into(),
+                },
             });
         }
         Ok(Runtime {

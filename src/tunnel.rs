@@ -74,8 +74,11 @@ struct Half {
 }
 
 impl Half {
-    fn with_initial(bytes: &[u8]) -> Self {
+    fn with_initial(bytes: &[u8], websocket: bool) -> Self {
         let mut h = Half::default();
+        if !websocket {
+            h.frames = FrameTracker::raw();
+        }
         if !bytes.is_empty() {
             h.pending = bytes.to_vec();
             h.frames.advance(bytes);
@@ -253,8 +256,10 @@ fn rand_mask_u64() -> u64 {
     h.finish()
 }
 
-/// Relays until both sides close, an error, `idle` with no byte, or until `close` resolves
-/// (then both sides get a close frame with its code, on a frame boundary).
+/// Relays until both sides close, an error, `idle` with no byte, or until `close` resolves.
+/// Then, for a WebSocket, both sides get a close frame with its code, on a frame boundary;
+/// plain TCP (`websocket = false`) is just closed.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay<C, S>(
     mut client: C,
     client_early: &[u8],
@@ -262,13 +267,14 @@ pub async fn relay<C, S>(
     server_early: &[u8],
     idle: Duration,
     close: impl std::future::Future<Output = u16>,
+    websocket: bool,
 ) -> TunnelStats
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut c2s = Half::with_initial(client_early);
-    let mut s2c = Half::with_initial(server_early);
+    let mut c2s = Half::with_initial(client_early, websocket);
+    let mut s2c = Half::with_initial(server_early, websocket);
     let mut last = Instant::now();
     let mut closing: Option<u16> = None;
     // Client close frames seen when we started closing: one more means the client answered.

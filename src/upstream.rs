@@ -126,8 +126,13 @@ pub type UpgradedUpstream = TokioIo<UpstreamStream>;
 
 /// Opens a new HTTP/1.1 connection to `addr` (TLS when `tls` is set), all within `timeout`.
 /// The connection task is spawned; upgrades are on so a `101` hands the socket to the tunnel.
-pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<Sender, ProxyError> {
-    let stream = connect_stream(addr, timeout, tls).await?;
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+    preamble: Option<&[u8]>,
+) -> Result<Sender, ProxyError> {
+    let stream = connect_stream(addr, timeout, tls, preamble).await?;
     let (sender, conn) = http1::Builder::new()
         .max_buf_size(256 * 1024)
         .handshake(TokioIo::new(stream))
@@ -141,8 +146,14 @@ pub async fn connect(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamT
     Ok(sender)
 }
 
-/// A TCP connection to `addr`, with the upstream's TLS on top when set, within `timeout`.
-pub async fn connect_stream(addr: SocketAddr, timeout: Duration, tls: Option<&UpstreamTls>) -> Result<UpstreamStream, ProxyError> {
+/// A TCP connection to `addr` within `timeout`: `preamble` (a PROXY protocol header) is
+/// written first, then the upstream's TLS is set up on top when configured.
+pub async fn connect_stream(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+    preamble: Option<&[u8]>,
+) -> Result<UpstreamStream, ProxyError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
@@ -150,6 +161,15 @@ pub async fn connect_stream(addr: SocketAddr, timeout: Duration, tls: Option<&Up
         Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
     };
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    if let Some(p) = preamble {
+        use tokio::io::AsyncWriteExt;
+        match tokio::time::timeout_at(deadline, stream.write_all(p)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+            Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
+        }
+    }
     let stream = match tls {
         None => UpstreamStream::Tcp(stream),
         Some(t) => {

@@ -51,6 +51,11 @@ pub struct FrameTracker {
 }
 
 impl FrameTracker {
+    /// A tracker for a stream that is not WebSocket (plain TCP): no boundaries to follow.
+    pub fn raw() -> Self {
+        FrameTracker { lost: true, ..Default::default() }
+    }
+
     /// True when the next byte would start a new frame.
     pub fn at_boundary(&self) -> bool {
         !self.lost && !self.in_payload && self.have == 0

@@ -26,7 +26,7 @@ const DEFAULT_BOUNDED_LOAD: f64 = 1.25;
 
 /// Parses and validates `text`; `path` is only used in messages.
 pub(super) fn validate(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
-    let mut cx = Ctx { text, path, errors: Vec::new(), warnings: Vec::new() };
+    let mut cx = Ctx { text, path, errors: Vec::new(), warnings: Vec::new(), l4_refs: Vec::new() };
     let file: FileConfig = match toml::from_str(text) {
         Ok(file) => file,
         Err(e) => {
@@ -50,6 +50,9 @@ struct Ctx<'a> {
     path: &'a Path,
     errors: Vec<(Option<usize>, String)>,
     warnings: Vec<(Option<usize>, String)>,
+    /// (offset, upstream index) of every upstream a layer-4 listener uses, checked once the
+    /// upstreams are known: they cannot balance by cookie or HTTP request keys.
+    l4_refs: Vec<(usize, usize)>,
 }
 
 impl Ctx<'_> {
@@ -114,6 +117,20 @@ impl Ctx<'_> {
             let line = self.line_of(&l);
             let l = self.listener(l, line, &names, &mut seen_names, &mut seen_binds);
             listeners.push(l);
+        }
+        for (at, idx) in std::mem::take(&mut self.l4_refs) {
+            let Some(u) = upstreams.get(idx) else { continue };
+            let problem = match &u.balance {
+                Balance::Cookie(_) => Some("balance = \"cookie\" needs HTTP".to_string()),
+                Balance::Hash(h) if h.key != HashKey::Ip => Some(format!("hash key \"{}\" needs HTTP; only \"ip\" works for TCP", h.key)),
+                _ => None,
+            };
+            if let Some(p) = problem {
+                self.error(
+                    Some(at),
+                    format!("upstream {:?} is used by a layer-4 listener, but {p}; use round_robin, least_conn, p2c, ip_hash or hash with key = \"ip\"", u.name),
+                );
+            }
         }
         Config {
             source: self.path.to_path_buf(),
@@ -213,6 +230,7 @@ impl Ctx<'_> {
                     self.error_at(r, r#"a mode = "tcp" listener sends everything to its `upstream`; [[listener.route]] is not used"#);
                 }
                 let index = self.upstream_ref(&u, upstream_names);
+                self.l4_refs.push((u.span().start, index));
                 vec![RouteConfig { host: None, sni: None, path_prefix: None, upstream: index }]
             }
             (ListenerMode::Tcp, None) => {
@@ -506,6 +524,9 @@ impl Ctx<'_> {
             self.error_at(p, e);
         }
         let index = self.upstream_ref(&upstream, upstream_names);
+        if mode != ListenerMode::Http {
+            self.l4_refs.push((upstream.span().start, index));
+        }
         RouteConfig { host, sni, path_prefix: path_prefix.map(Spanned::into_inner), upstream: index }
     }
 
