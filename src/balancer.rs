@@ -64,7 +64,12 @@ enum Eligibility {
 }
 
 fn eligibility(b: &Backend, i: usize, cx: &PickCtx<'_>) -> Eligibility {
-    if b.cfg.down || cx.tried.contains(&i) || !b.state.is_available(cx.now_ms) || !(cx.ignore_health || b.state.is_healthy()) {
+    if b.cfg.down
+        || cx.tried.contains(&i)
+        || b.state.admin_blocked()
+        || !b.state.is_available(cx.now_ms)
+        || !(cx.ignore_health || b.state.is_healthy())
+    {
         Eligibility::Unavailable
     } else if b.cfg.max_conns != 0 && b.state.active() >= b.cfg.max_conns {
         Eligibility::Full

@@ -5,6 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::access::AccessLog;
+use crate::admin::metrics::UpstreamMetrics;
 use crate::connection::ConnPhase;
 use crate::runtime::ConnGuard;
 use crate::upstream::Sender;
@@ -35,6 +37,9 @@ struct UpstreamBody {
     log: Option<AccessLog>,
     sent: u64,
     complete: bool,
+    metrics: Arc<UpstreamMetrics>,
+    /// Request body bytes, counted as the upstream connection reads them.
+    received: Arc<AtomicU64>,
 }
 
 impl UpstreamBody {
@@ -50,6 +55,8 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
+        self.metrics.bytes_out.inc_by(self.sent);
+        self.metrics.bytes_in.inc_by(self.received.load(Ordering::Relaxed));
         if let Some(log) = self.log.take() {
             log.emit_response(self.sent, self.complete);
         }
@@ -68,8 +75,9 @@ impl ProxyBody {
         guard: ConnGuard,
         log: Option<AccessLog>,
         phase: Option<Arc<ConnPhase>>,
+        (metrics, received): (Arc<UpstreamMetrics>, Arc<AtomicU64>),
     ) -> Self {
-        let mut body = UpstreamBody { inner, conn, guard, log, sent: 0, complete: false };
+        let mut body = UpstreamBody { inner, conn, guard, log, sent: 0, complete: false, metrics, received };
         if body.inner.is_end_stream() {
             body.finish();
         }

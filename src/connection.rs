@@ -247,6 +247,7 @@ pub struct ListenerSetup {
     /// Read a PROXY header first, from these peers only.
     pub accept_proxy: bool,
     pub trusted: Arc<[crate::config::Cidr]>,
+    pub metrics: Arc<crate::admin::metrics::ListenerMetrics>,
 }
 
 /// With `accept_proxy`: the client address from the PROXY header, read within the header
@@ -281,14 +282,25 @@ pub async fn serve(
         Err(e) => return tracing::debug!("{e}; connection closed"),
     };
     let local = stream.local_addr().unwrap_or(peer);
+    let _open = crate::admin::metrics::GaugeGuard::new(&setup.metrics.open);
+    let lm = setup.metrics.clone();
     let ListenerSetup { index: listener, key: listener_key, timeouts, tls, .. } = setup;
     let phase = Arc::new(ConnPhase::new());
     let stream = match tls {
         None => ClientStream::Tcp(stream),
         Some((acceptor, deadline)) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
-            Ok(Err(e)) => return tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-            Err(_) => return tracing::debug!(peer = %peer, "TLS handshake timed out"),
+            Ok(Ok(s)) => {
+                lm.tls_ok.inc();
+                ClientStream::Tls(Box::new(s))
+            }
+            Ok(Err(e)) => {
+                lm.tls_failed.inc();
+                return tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                lm.tls_failed.inc();
+                return tracing::debug!(peer = %peer, "TLS handshake timed out");
+            }
         },
     };
     let is_tls = matches!(stream, ClientStream::Tls(_));

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod balancer;
 pub mod body;
 pub mod config;
@@ -74,6 +75,7 @@ pub enum StartError {
 pub struct Server {
     shared: Arc<Shared>,
     bound: Vec<listener::Bound>,
+    admin: Option<tokio::net::TcpListener>,
 }
 
 impl Server {
@@ -85,6 +87,16 @@ impl Server {
             let b = listener::bind(l).map_err(|source| StartError::Bind { name: l.name.clone(), addr: l.bind, source })?;
             bound.push(b);
         }
+        let admin = match &config.admin {
+            None => None,
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a.bind)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|source| StartError::Bind { name: "admin".into(), addr: a.bind, source })?;
+                Some(l)
+            }
+        };
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
@@ -102,12 +114,17 @@ impl Server {
             reloads: reload::ReloadStats::default(),
             reload_lock: Mutex::new(()),
         });
-        Ok(Server { shared, bound })
+        Ok(Server { shared, bound, admin })
     }
 
     /// Actual addresses by listener name (port 0 binds resolved).
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.bound.iter().map(|b| (b.name.clone(), b.local_addr())).collect()
+    }
+
+    /// The admin listener's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
     /// The first listener's address; convenient for tests with one listener.
@@ -127,9 +144,15 @@ impl Server {
     /// Accepts until the shutdown token is cancelled, then lets requests and tunnels finish
     /// (tunnels get a close frame) for up to `shutdown_timeout`.
     pub async fn run(self) {
-        let Server { shared, bound } = self;
+        let Server { shared, bound, admin } = self;
         for b in bound {
             shared.start_listener(b);
+        }
+        if let Some(a) = admin {
+            if let Ok(addr) = a.local_addr() {
+                tracing::info!(addr = %addr, "admin listening: /metrics, /api/v1/status, /status");
+            }
+            tokio::spawn(admin::serve(a, shared.clone()));
         }
         shared.shutdown.cancelled().await;
         shared.health.stop_all();

@@ -70,6 +70,7 @@ pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shar
                 let rt = shared.runtime.load();
                 let Some(&index) = rt.listener_index.get(&key) else { continue };
                 let setup = rt.listeners[index].setup.clone();
+                setup.metrics.accepted.inc();
                 let generation = rt.generation;
                 drop(rt);
                 match setup.mode {

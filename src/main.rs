@@ -58,10 +58,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr: text, or JSON lines with `[log] format = "json"` (for log shippers).
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(true).with_writer(std::io::stderr);
+    if json {
+        fmt.json().with_current_span(false).init();
+    } else {
+        fmt.with_ansi(ansi).init();
+    }
 }
 
 fn load(path: &std::path::Path) -> Option<tidegate::config::Config> {
@@ -111,8 +117,8 @@ async fn shutdown_signal() {
 }
 
 async fn run(path: PathBuf) -> ExitCode {
-    init_logging();
     let Some(config) = load(&path) else { return ExitCode::FAILURE };
+    init_logging(config.log_json);
     let server = match tidegate::Server::bind(config) {
         Ok(s) => s,
         Err(e) => {
@@ -189,8 +195,8 @@ fn reload(path: &std::path::Path) -> ExitCode {
 }
 
 async fn demo(path: PathBuf) -> ExitCode {
-    init_logging();
     let Some(config) = load(&path) else { return ExitCode::FAILURE };
+    init_logging(config.log_json);
     let mut n = 0;
     for upstream in &config.upstreams {
         for server in &upstream.servers {

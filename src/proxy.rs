@@ -47,6 +47,7 @@ fn local_error(req: &Parts, body_present: bool, cx: &ConnCtx, e: ProxyError) -> 
         _ => tracing::warn!(peer = %cx.peer, error = %display_chain(&e), "request failed"),
     }
     access::emit_local(cx.peer, &req.method, req.uri.path(), status.as_u16(), &e);
+    cx.shared.registry.metrics.local_response(status.as_u16());
     let mut resp = Response::new(ProxyBody::local(
         format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("")),
         Some(cx.phase.clone()),
@@ -253,6 +254,7 @@ async fn forward(
     *out.headers_mut() = headers;
 
     let (mut resp, guard, sender, backend_addr, set_cookie) = dispatch(upstream, out, cx, client_ip).await?;
+    upstream.metrics.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].inc();
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -265,7 +267,7 @@ async fn forward(
         upstream: upstream.name().to_string(),
         backend: backend_addr,
         start,
-        bytes_in,
+        bytes_in: bytes_in.clone(),
     });
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -278,8 +280,16 @@ async fn forward(
     let max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()));
+    let body =
+        ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()), (upstream.metrics.clone(), bytes_in));
     Ok(Response::from_parts(parts, body))
+}
+
+/// Runs `f`, returning its output and how long it took, in seconds.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let started = Instant::now();
+    let out = f.await;
+    (out, started.elapsed().as_secs_f64())
 }
 
 /// Picks backends until one accepts the request: connect failures move on to the next
@@ -305,6 +315,7 @@ async fn dispatch(
             Err(_) => break,
         };
         let i = picked.index;
+        upstream.backends[i].state.metrics.picks.inc();
         tried.push(i);
         let backend = &upstream.backends[i];
         let Some(guard) = backend.state.try_acquire(backend.cfg.max_conns) else { continue };
@@ -316,9 +327,12 @@ async fn dispatch(
         loop {
             let mut s = match sender.take() {
                 Some(s) => s,
-                None => match upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref(), preamble.as_deref()).await {
-                    Ok(s) => s,
-                    Err(e) => {
+                None => match timed(upstream::connect(addr, timeouts.connect, upstream.cfg.tls.as_ref(), preamble.as_deref())).await {
+                    (Ok(s), took) => {
+                        upstream.metrics.connect_seconds.observe(took);
+                        s
+                    }
+                    (Err(e), _) => {
                         let counts = if matches!(e, ProxyError::ConnectTimeout { .. }) { fail_on.timeout } else { fail_on.connect };
                         if counts {
                             upstream.passive_failure(i);
@@ -329,7 +343,10 @@ async fn dispatch(
                     }
                 },
             };
-            match upstream::send(&mut s, req, addr, timeouts.response_header).await {
+            let sent = Instant::now();
+            let result = upstream::send(&mut s, req, addr, timeouts.response_header).await;
+            upstream.metrics.request_seconds.observe(sent.elapsed().as_secs_f64());
+            match result {
                 Ok(resp) => {
                     if fail_on.statuses.contains(&resp.status().as_u16()) {
                         upstream.passive_failure(i);
@@ -386,6 +403,7 @@ fn start_tunnel(
     // not all reconnect elsewhere in the same second, yet all are closed in time.
     let shutdown_spread = upstream.cfg.drain.spread.min(cx.shared.runtime.load().shutdown_timeout / 2);
     let close = crate::tunnel::close_signal(cx.shared.shutdown.clone(), guard.backend().drain_watch(), shutdown_spread);
+    let um = upstream.metrics.clone();
     let peer = cx.peer;
     cx.shared.tasks.spawn(async move {
         let (client, server) = match tokio::try_join!(client_upgrade, server_upgrade) {
@@ -403,7 +421,14 @@ fn start_tunnel(
             Ok(p) => (p.io.into_inner(), p.read_buf),
             Err(_) => return tracing::error!("server upgrade is not a tidegate upstream stream"),
         };
+        let bm = guard.backend().metrics.clone();
+        bm.tunnels_opened.inc();
+        let open = crate::admin::metrics::GaugeGuard::new(&bm.tunnels_open);
         let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, close, true).await;
+        drop(open);
+        bm.tunnels_closed[stats.end.reason() as usize].inc();
+        um.bytes_in.inc_by(stats.client_to_server);
+        um.bytes_out.inc_by(stats.server_to_client);
         drop(guard);
         if let Some(log) = log {
             log.emit_tunnel(&stats);

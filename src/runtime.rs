@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use crate::admin::metrics::{BackendMetrics, Metrics, UpstreamMetrics};
 use crate::balancer::Balancer;
 use crate::config::{Config, ServerConfig, UpstreamConfig};
 use crate::connection::ListenerSetup;
@@ -59,6 +60,22 @@ pub struct BackendState {
     last_check: Mutex<Option<CheckResult>>,
     /// Set while the backend drains (a reload removed it or set it `down`); tunnels watch it.
     drain: tokio::sync::watch::Sender<Option<DrainPlan>>,
+    /// Runtime overrides from the admin API (`ADMIN_DRAIN`, `ADMIN_DOWN`); they survive
+    /// reloads of an unchanged server.
+    admin: AtomicU8,
+    pub metrics: BackendMetrics,
+}
+
+const ADMIN_DRAIN: u8 = 1;
+const ADMIN_DOWN: u8 = 2;
+
+/// Runtime overrides set through the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdminFlags {
+    /// No new connections; open tunnels stay.
+    pub drain: bool,
+    /// No new connections; open tunnels are closed as in a config drain.
+    pub down: bool,
 }
 
 /// When and how a draining backend's tunnels are closed.
@@ -121,7 +138,7 @@ pub struct BackendView {
 }
 
 impl BackendState {
-    fn new(id: BackendId) -> Self {
+    fn new(id: BackendId, metrics: BackendMetrics) -> Self {
         Self {
             id,
             active: AtomicU32::new(0),
@@ -136,7 +153,24 @@ impl BackendState {
             report_ttl: AtomicU64::new(0),
             last_check: Mutex::new(None),
             drain: tokio::sync::watch::Sender::new(None),
+            admin: AtomicU8::new(0),
+            metrics,
         }
+    }
+
+    pub fn admin(&self) -> AdminFlags {
+        let v = self.admin.load(Ordering::Relaxed);
+        AdminFlags { drain: v & ADMIN_DRAIN != 0, down: v & ADMIN_DOWN != 0 }
+    }
+
+    /// True when the admin API took the server out of balancing.
+    pub fn admin_blocked(&self) -> bool {
+        self.admin.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_admin(&self, flags: AdminFlags) {
+        let v = if flags.drain { ADMIN_DRAIN } else { 0 } | if flags.down { ADMIN_DOWN } else { 0 };
+        self.admin.store(v, Ordering::Relaxed);
     }
 
     /// Starts draining (no-op when already draining): idle pooled connections are closed
@@ -300,10 +334,11 @@ impl Drop for ConnGuard {
 }
 
 /// Finds a backend's state by identity; weak so removed backends are freed when their last
-/// connection ends.
+/// connection ends. Also owns the metrics every snapshot's handles come from.
 #[derive(Debug, Default)]
 pub struct Registry {
     map: Mutex<HashMap<BackendId, Weak<BackendState>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registry {
@@ -313,7 +348,8 @@ impl Registry {
             return state;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let state = Arc::new(BackendState::new(id.clone()));
+        let metrics = self.metrics.backend(&id.upstream, &id.addr.to_string());
+        let state = Arc::new(BackendState::new(id.clone(), metrics));
         map.insert(id, Arc::downgrade(&state));
         state
     }
@@ -337,6 +373,7 @@ pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub backends: Vec<Backend>,
     pub balancer: Balancer,
+    pub metrics: Arc<UpstreamMetrics>,
 }
 
 impl Upstream {
@@ -397,6 +434,8 @@ pub struct Runtime {
     pub shutdown_timeout: Duration,
     /// Counts applied configs: 1 at start, +1 per successful reload.
     pub generation: u64,
+    /// When this snapshot was built, in seconds since the Unix epoch.
+    pub loaded_at: u64,
 }
 
 impl Runtime {
@@ -414,7 +453,8 @@ impl Runtime {
                     })
                     .collect();
                 let balancer = Balancer::new(u, &backends);
-                Upstream { cfg: u.clone(), backends, balancer }
+                let metrics = Arc::new(registry.metrics.upstream(&u.name));
+                Upstream { cfg: u.clone(), backends, balancer, metrics }
             })
             .collect();
         let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -439,6 +479,7 @@ impl Runtime {
                     mode: l.mode,
                     accept_proxy: l.accept_proxy,
                     trusted: l.trusted_proxies.clone().into(),
+                    metrics: Arc::new(registry.metrics.listener(&l.name)),
                 },
             });
         }
@@ -449,6 +490,7 @@ impl Runtime {
             listener_index,
             upstreams,
             generation,
+            loaded_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         })
     }
 }

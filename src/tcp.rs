@@ -38,6 +38,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, setup: ListenerSetup
         Err(e) => return tracing::debug!("{e}; connection closed"),
     };
     let local = stream.local_addr().unwrap_or(peer);
+    let _open = crate::admin::metrics::GaugeGuard::new(&setup.metrics.open);
     let rt = shared.runtime.load_full();
     let li = if rt.generation == generation { Some(setup.index) } else { rt.listener_index.get(&*setup.key).copied() };
     let Some(li) = li else { return };
@@ -59,9 +60,18 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, setup: ListenerSetup
             let io = match &setup.tls {
                 None => ClientStream::Tcp(stream),
                 Some((acceptor, deadline)) => match tokio::time::timeout(*deadline, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
-                    Ok(Err(e)) => return tracing::debug!(client = %client, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(client = %client, "TLS handshake timed out"),
+                    Ok(Ok(s)) => {
+                        setup.metrics.tls_ok.inc();
+                        ClientStream::Tls(Box::new(s))
+                    }
+                    Ok(Err(e)) => {
+                        setup.metrics.tls_failed.inc();
+                        return tracing::debug!(client = %client, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        setup.metrics.tls_failed.inc();
+                        return tracing::debug!(client = %client, "TLS handshake timed out");
+                    }
                 },
             };
             let Some(u) = listener.router.find_sni(None) else { return };
@@ -81,8 +91,16 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, setup: ListenerSetup
     let spread = upstream.cfg.drain.spread.min(rt.shutdown_timeout / 2);
     let close = crate::tunnel::close_signal(shared.shutdown.clone(), guard.backend().drain_watch(), spread);
     let name = upstream.name().to_string();
+    let um = upstream.metrics.clone();
     drop(rt);
+    let bm = guard.backend().metrics.clone();
+    bm.tunnels_opened.inc();
+    let open = crate::admin::metrics::GaugeGuard::new(&bm.tunnels_open);
     let stats = crate::tunnel::relay(client_io, &[], server, &[], idle, close, false).await;
+    drop(open);
+    bm.tunnels_closed[stats.end.reason() as usize].inc();
+    um.bytes_in.inc_by(stats.client_to_server);
+    um.bytes_out.inc_by(stats.server_to_client);
     drop(guard);
     tracing::info!(
         target: "access",
@@ -139,8 +157,11 @@ async fn connect(
         tried.push(i);
         let backend = &upstream.backends[i];
         let Some(guard) = backend.state.try_acquire(backend.cfg.max_conns) else { continue };
+        backend.state.metrics.picks.inc();
+        let started = Instant::now();
         match connect_stream(backend.addr(), upstream.cfg.timeouts.connect, upstream.cfg.tls.as_ref(), preamble.as_deref()).await {
             Ok(s) => {
+                upstream.metrics.connect_seconds.observe(started.elapsed().as_secs_f64());
                 backend.state.record_success();
                 return Ok((s, guard, backend.addr()));
             }

@@ -31,25 +31,52 @@ thread_local! {
 /// Why a tunnel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelEnd {
-    /// Both sides closed (either may have started it).
-    Closed,
+    /// Both sides closed; the client's side ended first.
+    ClientClosed,
+    /// Both sides closed; the server's side ended first.
+    ServerClosed,
     /// A read or write failed (reset, broken pipe).
     Error,
     /// No byte either way for `tunnel_idle`.
     Idle,
-    /// tidegate closed it with a close frame (shutdown, or its backend drained).
+    /// tidegate closed it because its backend drained.
+    Drain,
+    /// tidegate closed it because it is shutting down.
     Shutdown,
 }
 
 impl TunnelEnd {
     pub fn as_str(self) -> &'static str {
         match self {
-            TunnelEnd::Closed => "closed",
+            TunnelEnd::ClientClosed => "client_closed",
+            TunnelEnd::ServerClosed => "server_closed",
             TunnelEnd::Error => "error",
             TunnelEnd::Idle => "idle_timeout",
+            TunnelEnd::Drain => "drain",
             TunnelEnd::Shutdown => "shutdown",
         }
     }
+
+    /// The metrics' close reason.
+    pub fn reason(self) -> crate::admin::metrics::CloseReason {
+        use crate::admin::metrics::CloseReason;
+        match self {
+            TunnelEnd::ClientClosed => CloseReason::Client,
+            TunnelEnd::ServerClosed => CloseReason::Server,
+            TunnelEnd::Error => CloseReason::Error,
+            TunnelEnd::Idle => CloseReason::Idle,
+            TunnelEnd::Drain => CloseReason::Drain,
+            TunnelEnd::Shutdown => CloseReason::Shutdown,
+        }
+    }
+}
+
+/// Why and how tidegate closes a tunnel itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseBy {
+    pub code: u16,
+    /// Its backend drained (else: shutdown).
+    pub drain: bool,
 }
 
 /// Bytes moved each way and how the tunnel ended.
@@ -217,23 +244,24 @@ pub async fn close_signal(
     shutdown: CancellationToken,
     mut drain: tokio::sync::watch::Receiver<Option<DrainPlan>>,
     shutdown_spread: Duration,
-) -> u16 {
+) -> CloseBy {
+    let on_shutdown = CloseBy { code: CLOSE_GOING_AWAY, drain: false };
     loop {
         let plan = *drain.borrow_and_update();
         let at = plan.map(|p| p.since + p.timeout + jitter(p.spread));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 tokio::time::sleep(jitter(shutdown_spread)).await;
-                return CLOSE_GOING_AWAY;
+                return on_shutdown;
             }
             _ = async { tokio::time::sleep_until(at.expect("guarded").into()).await }, if at.is_some() => {
-                return plan.map_or(CLOSE_GOING_AWAY, |p| p.close_code);
+                return CloseBy { code: plan.map_or(CLOSE_GOING_AWAY, |p| p.close_code), drain: true };
             }
             changed = drain.changed() => {
                 if changed.is_err() {
                     // The backend state is gone; only shutdown can close us now.
                     shutdown.cancelled().await;
-                    return CLOSE_GOING_AWAY;
+                    return on_shutdown;
                 }
             }
         }
@@ -266,7 +294,7 @@ pub async fn relay<C, S>(
     mut server: S,
     server_early: &[u8],
     idle: Duration,
-    close: impl std::future::Future<Output = u16>,
+    close: impl std::future::Future<Output = CloseBy>,
     websocket: bool,
 ) -> TunnelStats
 where
@@ -277,6 +305,9 @@ where
     let mut s2c = Half::with_initial(server_early, websocket);
     let mut last = Instant::now();
     let mut closing: Option<u16> = None;
+    let mut closed_for_drain = false;
+    // Which side's stream ended first, for the close reason.
+    let mut first_eof: Option<bool> = None;
     // Client close frames seen when we started closing: one more means the client answered.
     let mut client_closes = 0;
     let mut idle_timer = pin!(tokio::time::sleep(idle));
@@ -285,9 +316,10 @@ where
     let end = poll_fn(|cx| {
         loop {
             if closing.is_none()
-                && let Poll::Ready(close_code) = close.as_mut().poll(cx)
+                && let Poll::Ready(by) = close.as_mut().poll(cx)
             {
-                closing = Some(close_code);
+                closing = Some(by.code);
+                closed_for_drain = by.drain;
                 client_closes = c2s.frames.closes_seen();
                 idle_timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());
             }
@@ -297,17 +329,25 @@ where
             if active {
                 last = Instant::now();
             }
+            if first_eof.is_none() && (c2s.eof || s2c.eof) {
+                first_eof = Some(c2s.eof);
+            }
             if matches!(a, Poll::Ready(Err(_))) || matches!(b, Poll::Ready(Err(_))) {
                 return Poll::Ready(TunnelEnd::Error);
             }
             if c2s.done() && s2c.done() {
-                return Poll::Ready(if closing.is_some() { TunnelEnd::Shutdown } else { TunnelEnd::Closed });
+                return Poll::Ready(match (closing, first_eof) {
+                    (Some(_), _) if closed_for_drain => TunnelEnd::Drain,
+                    (Some(_), _) => TunnelEnd::Shutdown,
+                    (None, Some(false)) => TunnelEnd::ServerClosed,
+                    (None, _) => TunnelEnd::ClientClosed,
+                });
             }
             if idle_timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             if closing.is_some() {
-                return Poll::Ready(TunnelEnd::Shutdown);
+                return Poll::Ready(if closed_for_drain { TunnelEnd::Drain } else { TunnelEnd::Shutdown });
             }
             let deadline = last + idle;
             if Instant::now() >= deadline {
@@ -317,7 +357,7 @@ where
         }
     })
     .await;
-    if end == TunnelEnd::Shutdown {
+    if matches!(end, TunnelEnd::Shutdown | TunnelEnd::Drain) {
         // The client answers our close frame with its own; read it so our close is clean.
         let frames = &mut c2s.frames;
         let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| poll_discard(cx, Pin::new(&mut client), frames, client_closes))).await;

@@ -14,6 +14,8 @@ pub(super) struct FileConfig {
     pub shutdown_timeout: Option<Spanned<String>>,
     pub pid_file: Option<Spanned<String>>,
     pub reload_on_change: Option<bool>,
+    pub admin: Option<Spanned<FileAdmin>>,
+    pub log: Option<FileLog>,
     #[serde(default)]
     pub listener: Vec<Spanned<FileListener>>,
     /// Keyed by name; file order is recovered from the key spans.
@@ -157,4 +159,17 @@ pub(super) struct FileCookie {
 pub(super) struct FileHash {
     pub key: Spanned<String>,
     pub bounded_load: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileAdmin {
+    pub bind: Spanned<String>,
+    pub token: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLog {
+    pub format: Option<Spanned<String>>,
 }

@@ -49,6 +49,19 @@ pub struct Config {
     /// Reload when the config file or a certificate/key it names changes (`reload_on_change`,
     /// default true).
     pub reload_on_change: bool,
+    /// `[admin]`: metrics, JSON API and status page; off when absent.
+    pub admin: Option<AdminConfig>,
+    /// `[log] format`: access and event logs as text (default) or JSON lines.
+    pub log_json: bool,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Bearer token: required for every mutating call, and for everything when `bind` is not
+    /// loopback (where it is mandatory).
+    pub token: Option<String>,
 }
 
 impl Config {

@@ -9,13 +9,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    FileCert, FileConfig, FileCookie, FileHash, FileHealth, FileIpHash, FileListener, FileListenerTimeouts, FileListenerTls, FileRoute,
-    FileServer, FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
+    FileAdmin, FileCert, FileConfig, FileCookie, FileHash, FileHealth, FileIpHash, FileListener, FileListenerTimeouts, FileListenerTls,
+    FileRoute, FileServer, FileUpstream, FileUpstreamTimeouts, FileUpstreamTls,
 };
 use super::{
-    Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, DrainConfig, FailOn, Fallback, HashConfig, HashKey, HealthConfig,
-    HealthKind, HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig, SameSite,
-    SendProxy, ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
+    AdminConfig, Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, DrainConfig, FailOn, Fallback, HashConfig, HashKey,
+    HealthConfig, HealthKind, HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig,
+    SameSite, SendProxy, ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,7 +96,19 @@ impl Ctx<'_> {
     }
 
     fn config(&mut self, file: FileConfig) -> Config {
-        let FileConfig { shutdown_timeout, pid_file, reload_on_change, listener, upstream } = file;
+        let FileConfig { shutdown_timeout, pid_file, reload_on_change, admin, log, listener, upstream } = file;
+        let admin = admin.and_then(|a| self.admin(a));
+        let log_json = match log.and_then(|l| l.format) {
+            None => false,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => false,
+                "json" => true,
+                other => {
+                    self.error_at(&f, format!(r#"unknown log format {other:?}; expected "text" or "json""#));
+                    false
+                }
+            },
+        };
         let pid_file = pid_file.map(|p| self.resolve_path(p.get_ref()));
         let shutdown_timeout = self.duration(shutdown_timeout.as_ref(), "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT);
 
@@ -140,6 +152,8 @@ impl Ctx<'_> {
             warnings: Vec::new(),
             pid_file,
             reload_on_change: reload_on_change.unwrap_or(true),
+            admin,
+            log_json,
         }
     }
 
@@ -387,6 +401,29 @@ impl Ctx<'_> {
                 None
             }
         }
+    }
+
+    fn admin(&mut self, a: Spanned<FileAdmin>) -> Option<AdminConfig> {
+        let FileAdmin { bind, token } = a.into_inner();
+        let addr = match socket_addr(bind.get_ref(), false) {
+            Ok(a) => a,
+            Err(e) => {
+                self.error_at(&bind, e);
+                return None;
+            }
+        };
+        if let Some(t) = &token
+            && (t.get_ref().len() < 16 || t.get_ref().bytes().any(|b| !b.is_ascii_graphic()))
+        {
+            self.error_at(t, "admin token must be at least 16 visible ASCII characters");
+        }
+        if !addr.ip().is_loopback() && token.is_none() {
+            self.error_at(
+                &bind,
+                format!("admin bind {addr} is not loopback, so it needs a token (token = \"...\", at least 16 characters); anyone who reaches it could drain servers"),
+            );
+        }
+        Some(AdminConfig { bind: addr, token: token.map(Spanned::into_inner) })
     }
 
     fn health(&mut self, h: Spanned<FileHealth>) -> HealthConfig {
@@ -982,6 +1019,8 @@ fn rewrite_serde_message(msg: &str) -> String {
             Some("certificates") => "in [listener.tls]",
             Some("cert") => "in a certificate",
             Some("enabled") => "in upstream tls",
+            Some("bind") if fields.get(1) == Some(&"token") => "in [admin]",
+            Some("format") => "in [log]",
             Some("kind") => "in upstream health",
             Some("balance") => "in upstream",
             Some("connect") => "in upstream timeouts",
