@@ -64,15 +64,7 @@ fn bench(c: &mut Criterion) {
         let _load: Vec<ConnGuard> =
             backends.iter().enumerate().flat_map(|(i, b)| (0..(i % 5)).map(|_| b.state.try_acquire(0).unwrap())).collect();
         for (name, balance) in balances() {
-            let cfg = UpstreamConfig {
-                name: "u".into(),
-                balance,
-                servers: backends.iter().map(|b| b.cfg.clone()).collect(),
-                timeouts: Default::default(),
-                keepalive: 0,
-                tries: 0,
-                tls: None,
-            };
+            let cfg = UpstreamConfig::new("u", balance, backends.iter().map(|b| b.cfg.clone()).collect());
             let bal = Balancer::new(&cfg, &backends);
             let mut headers = HeaderMap::new();
             headers.insert("x-user-id", "user-4711".parse().unwrap());
@@ -83,7 +75,14 @@ fn bench(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(name, n), |b| {
                 b.iter(|| {
                     ip = ip.wrapping_add(0x9e37_79b9);
-                    let cx = PickCtx { client: IpAddr::from(ip.to_be_bytes()), headers: &headers, uri: &uri, tried: &[], now_ms: 0 };
+                    let cx = PickCtx {
+                        client: IpAddr::from(ip.to_be_bytes()),
+                        headers: &headers,
+                        uri: &uri,
+                        tried: &[],
+                        now_ms: 0,
+                        ignore_health: false,
+                    };
                     std::hint::black_box(bal.pick(&backends, &cx))
                 })
             });

@@ -82,24 +82,18 @@ fn picks_do_not_allocate() {
     headers.insert("cookie", format!("sid=abc; tg_srv={sticky}").parse().unwrap());
     let uri = Uri::from_static("/chat?room=1&user=u7");
     for balance in balances {
-        let cfg = UpstreamConfig {
-            name: "u".into(),
-            balance: balance.clone(),
-            servers: vec![],
-            timeouts: Default::default(),
-            keepalive: 0,
-            tries: 0,
-            tls: None,
-        };
+        let cfg = UpstreamConfig::new("u", balance.clone(), vec![]);
         let bal = Balancer::new(&cfg, &backends);
         // Warm thread-locals (the p2c generator) outside the counted region.
-        let warm = PickCtx { client: IpAddr::from([1, 2, 3, 4]), headers: &headers, uri: &uri, tried: &[], now_ms: 0 };
+        let warm =
+            PickCtx { client: IpAddr::from([1, 2, 3, 4]), headers: &headers, uri: &uri, tried: &[], now_ms: 0, ignore_health: false };
         bal.pick(&backends, &warm).unwrap();
         let tried = [3usize, 7];
         COUNTING.with(|c| c.set(true));
         for k in 0..1000u32 {
             let t: &[usize] = if k % 10 == 0 { &tried } else { &[] };
-            let cx = PickCtx { client: IpAddr::from(k.to_be_bytes()), headers: &headers, uri: &uri, tried: t, now_ms: 0 };
+            let cx =
+                PickCtx { client: IpAddr::from(k.to_be_bytes()), headers: &headers, uri: &uri, tried: t, now_ms: 0, ignore_health: false };
             std::hint::black_box(bal.pick(&backends, &cx).unwrap());
         }
         COUNTING.with(|c| c.set(false));
