@@ -110,7 +110,9 @@ impl HealthChecks {
                 {
                     continue;
                 }
-                let fresh = !tasks.contains_key(&b.state.id) && b.state.view(now_ms()).last_check.is_none();
+                // Only a server that never served waits for a first pass; one that already
+                // serves keeps its state when checks are added or changed.
+                let fresh = !tasks.contains_key(&b.state.id) && b.state.view(now_ms()).last_check.is_none() && !b.state.enter_service();
                 if let Some((_, handle)) = tasks.remove(&b.state.id) {
                     handle.abort();
                 }
@@ -120,6 +122,9 @@ impl HealthChecks {
                 let task = tokio::spawn(run(b.state.clone(), b.cfg.addr, cfg.clone(), u.cfg.tls.clone(), u.name().to_string()));
                 tasks.insert(b.state.id.clone(), (key, task.abort_handle()));
             }
+        }
+        for b in rt.upstreams.iter().flat_map(|u| &u.backends) {
+            b.state.enter_service();
         }
         tasks.retain(|id, (_, handle)| {
             let keep = wanted.contains_key(id);

@@ -64,6 +64,9 @@ pub struct BackendState {
     /// reloads of an unchanged server.
     admin: AtomicU8,
     pub metrics: BackendMetrics,
+    /// Set once the backend has been part of a published snapshot: adding health checks to a
+    /// server that already serves keeps it serving, only new servers wait for a first pass.
+    in_service: std::sync::atomic::AtomicBool,
 }
 
 const ADMIN_DRAIN: u8 = 1;
@@ -155,7 +158,13 @@ impl BackendState {
             drain: tokio::sync::watch::Sender::new(None),
             admin: AtomicU8::new(0),
             metrics,
+            in_service: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the backend as serving; returns whether it already was.
+    pub fn enter_service(&self) -> bool {
+        self.in_service.swap(true, Ordering::Relaxed)
     }
 
     pub fn admin(&self) -> AdminFlags {

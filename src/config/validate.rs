@@ -1139,6 +1139,37 @@ fn socket_addr(s: &str, resolve: bool) -> Result<SocketAddr, String> {
     }
 }
 
+/// RFC 6265 cookie-name (an HTTP token).
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Bytes allowed in a cookie attribute value we write (no `;`, no controls, no spaces).
+fn is_cookie_attr_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && b != b';' && b != b','
+}
+
+/// `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or `ip`.
+fn parse_hash_key(raw: &str) -> Result<HashKey, String> {
+    const EXPECTED: &str = r#"expected "header:NAME", "cookie:NAME", "query:NAME", "path" or "ip""#;
+    let (kind, arg) = match raw.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (raw, None),
+    };
+    let need_arg = |a: Option<&str>| match a {
+        Some(a) if !a.is_empty() && a.bytes().all(is_cookie_name_byte) => Ok(a.to_string()),
+        _ => Err(format!("invalid hash key {raw:?}: {kind}: needs a name; {EXPECTED}")),
+    };
+    match (kind, arg) {
+        ("header", a) => need_arg(a).map(|n| HashKey::Header(n.to_ascii_lowercase())),
+        ("cookie", a) => need_arg(a).map(HashKey::Cookie),
+        ("query", a) => need_arg(a).map(HashKey::Query),
+        ("path", None) => Ok(HashKey::Path),
+        ("ip", None) => Ok(HashKey::Ip),
+        _ => Err(format!("invalid hash key {raw:?}; {EXPECTED}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1590,36 +1621,5 @@ servers = [{ addr = "127.0.0.1:1", down = true }]
         let text = format!("# ééé\nshutdown_timeout = \"é\"\n{GOOD}");
         let (line, col, _) = one_err(&text);
         assert_eq!((line, col), (2, 20));
-    }
-}
-
-/// RFC 6265 cookie-name (an HTTP token).
-fn is_cookie_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// Bytes allowed in a cookie attribute value we write (no `;`, no controls, no spaces).
-fn is_cookie_attr_byte(b: u8) -> bool {
-    b.is_ascii_graphic() && b != b';' && b != b','
-}
-
-/// `header:NAME`, `cookie:NAME`, `query:NAME`, `path` or `ip`.
-fn parse_hash_key(raw: &str) -> Result<HashKey, String> {
-    const EXPECTED: &str = r#"expected "header:NAME", "cookie:NAME", "query:NAME", "path" or "ip""#;
-    let (kind, arg) = match raw.split_once(':') {
-        Some((k, a)) => (k, Some(a)),
-        None => (raw, None),
-    };
-    let need_arg = |a: Option<&str>| match a {
-        Some(a) if !a.is_empty() && a.bytes().all(is_cookie_name_byte) => Ok(a.to_string()),
-        _ => Err(format!("invalid hash key {raw:?}: {kind}: needs a name; {EXPECTED}")),
-    };
-    match (kind, arg) {
-        ("header", a) => need_arg(a).map(|n| HashKey::Header(n.to_ascii_lowercase())),
-        ("cookie", a) => need_arg(a).map(HashKey::Cookie),
-        ("query", a) => need_arg(a).map(HashKey::Query),
-        ("path", None) => Ok(HashKey::Path),
-        ("ip", None) => Ok(HashKey::Ip),
-        _ => Err(format!("invalid hash key {raw:?}; {EXPECTED}")),
     }
 }
