@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hyper::Method;
@@ -19,7 +19,7 @@ pub struct AccessLog {
     pub upstream: String,
     pub backend: SocketAddr,
     pub start: Instant,
-    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_in: Arc<crate::upstream::ReqProgress>,
 }
 
 pub fn enabled() -> bool {
@@ -36,7 +36,7 @@ impl AccessLog {
             status = self.status,
             upstream = %self.upstream,
             backend = %self.backend,
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in.bytes.load(Ordering::Relaxed),
             bytes_out,
             ms = self.start.elapsed().as_millis() as u64,
             complete,

@@ -5,7 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use crate::access::AccessLog;
 use crate::admin::metrics::UpstreamMetrics;
 use crate::connection::ConnPhase;
 use crate::runtime::ConnGuard;
-use crate::upstream::Sender;
+use crate::upstream::{ReqProgress, Sender};
 
 pub struct ProxyBody {
     kind: Kind,
@@ -38,15 +38,18 @@ struct UpstreamBody {
     sent: u64,
     complete: bool,
     metrics: Arc<UpstreamMetrics>,
-    /// Request body bytes, counted as the upstream connection reads them.
-    received: Arc<AtomicU64>,
+    /// The request body's progress, as the upstream connection reads it.
+    received: Arc<ReqProgress>,
 }
 
 impl UpstreamBody {
     fn finish(&mut self) {
         self.complete = true;
+        // A connection whose request body was not sent whole (the server answered early) is
+        // not reused: the rest of that body would be read as the next request.
         if let Some((sender, max_idle)) = self.conn.take()
             && !self.guard.backend().is_draining()
+            && self.received.done.load(Ordering::Relaxed)
         {
             self.guard.backend().pool.put(sender, max_idle);
         }
@@ -56,7 +59,7 @@ impl UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         self.metrics.bytes_out.inc_by(self.sent);
-        self.metrics.bytes_in.inc_by(self.received.load(Ordering::Relaxed));
+        self.metrics.bytes_in.inc_by(self.received.bytes.load(Ordering::Relaxed));
         if let Some(log) = self.log.take() {
             log.emit_response(self.sent, self.complete);
         }
@@ -75,7 +78,7 @@ impl ProxyBody {
         guard: ConnGuard,
         log: Option<AccessLog>,
         phase: Option<Arc<ConnPhase>>,
-        (metrics, received): (Arc<UpstreamMetrics>, Arc<AtomicU64>),
+        (metrics, received): (Arc<UpstreamMetrics>, Arc<ReqProgress>),
     ) -> Self {
         let mut body = UpstreamBody { inner, conn, guard, log, sent: 0, complete: false, metrics, received };
         if body.inner.is_end_stream() {

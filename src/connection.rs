@@ -231,6 +231,7 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// The address the client connected to (for PROXY headers sent upstream).
     pub local: SocketAddr,
+    pub timeouts: ListenerTimeouts,
     pub tls: bool,
     pub phase: Arc<ConnPhase>,
 }
@@ -248,6 +249,8 @@ pub struct ListenerSetup {
     pub accept_proxy: bool,
     pub trusted: Arc<[crate::config::Cidr]>,
     pub metrics: Arc<crate::admin::metrics::ListenerMetrics>,
+    pub max_connections: u32,
+    pub max_connections_per_client: u32,
 }
 
 /// With `accept_proxy`: the client address from the PROXY header, read within the header
@@ -306,7 +309,7 @@ pub async fn serve(
     let is_tls = matches!(stream, ClientStream::Tls(_));
     let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, tls: is_tls, phase });
+    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, timeouts, tls: is_tls, phase });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }

@@ -9,6 +9,10 @@ use hyper::StatusCode;
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("WebSocket upgrade with an unsupported Sec-WebSocket-Version (only 13)")]
+    WebSocketVersion,
+    #[error("request body too slow")]
+    BodyTooSlow,
     #[error("no route for host {host:?} path {path:?}")]
     NoRoute { host: String, path: String },
     #[error("this listener was removed by a reload")]
@@ -53,6 +57,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::WebSocketVersion => StatusCode::UPGRADE_REQUIRED,
+            ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::AllFull { .. } | ProxyError::NoServer { .. } | ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectTimeout { .. } | ProxyError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -66,6 +72,6 @@ impl ProxyError {
 
     /// The request was at fault and the connection should not be trusted further.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::BadRequest(_) | ProxyError::ListenerGone)
+        matches!(self, ProxyError::BadRequest(_) | ProxyError::ListenerGone | ProxyError::WebSocketVersion | ProxyError::BodyTooSlow)
     }
 }

@@ -58,6 +58,9 @@ pub struct Running {
 /// descriptors, say) are logged and retried after a short pause rather than spinning.
 pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shared>) {
     let Bound { name, key, socket } = bound;
+    // Open connections, for `max_connections` and `max_connections_per_client`; they live
+    // with the socket, so they carry over reloads that keep the listener.
+    let counts = Arc::new(Counts::default());
     loop {
         let accepted = tokio::select! {
             r = socket.accept() => r,
@@ -73,12 +76,25 @@ pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shar
                 setup.metrics.accepted.inc();
                 let generation = rt.generation;
                 drop(rt);
+                let Some(slot) = counts.admit(peer.ip().to_canonical(), setup.max_connections, setup.max_connections_per_client) else {
+                    // Over a limit: closed at once, never queued behind the others.
+                    tracing::debug!(listener = %name, peer = %peer, "connection limit reached; closed at accept");
+                    continue;
+                };
                 match setup.mode {
                     crate::config::ListenerMode::Http => {
-                        shared.tasks.spawn(crate::connection::serve(stream, peer, setup, generation, stop.clone(), shared.clone()));
+                        let serve = crate::connection::serve(stream, peer, setup, generation, stop.clone(), shared.clone());
+                        shared.tasks.spawn(async move {
+                            serve.await;
+                            drop(slot);
+                        });
                     }
                     _ => {
-                        shared.tasks.spawn(crate::tcp::serve(stream, peer, setup, generation, shared.clone()));
+                        let serve = crate::tcp::serve(stream, peer, setup, generation, shared.clone());
+                        shared.tasks.spawn(async move {
+                            serve.await;
+                            drop(slot);
+                        });
                     }
                 }
             }
@@ -89,4 +105,55 @@ pub async fn accept_loop(bound: Bound, stop: CancellationToken, shared: Arc<Shar
         }
     }
     tracing::info!(listener = %name, "listener stopped accepting");
+}
+
+/// Open connections of one listener, in total and per client address.
+#[derive(Debug, Default)]
+struct Counts {
+    total: std::sync::atomic::AtomicU32,
+    per_client: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
+}
+
+/// One admitted connection; released on drop.
+struct Slot {
+    counts: Arc<Counts>,
+    client: Option<std::net::IpAddr>,
+}
+
+impl Counts {
+    fn admit(self: &Arc<Self>, client: std::net::IpAddr, max: u32, per_client: u32) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        if max != 0 && total > max {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        if per_client == 0 {
+            return Some(Slot { counts: self.clone(), client: None });
+        }
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(client).or_insert(0);
+        if *n >= per_client {
+            drop(map);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *n += 1;
+        Some(Slot { counts: self.clone(), client: Some(client) })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counts.total.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(c) = self.client {
+            let mut map = self.counts.per_client.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = map.get_mut(&c) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&c);
+                }
+            }
+        }
+    }
 }

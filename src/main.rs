@@ -132,6 +132,7 @@ async fn run(path: PathBuf) -> ExitCode {
 /// Runs a bound server with reload triggers and the pid file until SIGTERM/SIGINT.
 async fn serve(server: tidegate::Server, path: PathBuf) -> ExitCode {
     let shared = server.shared();
+    let hup = tidegate::reload::sighup();
     let pid_file = shared.runtime.load().config.pid_file.clone();
     if let Some(p) = &pid_file
         && let Err(e) = std::fs::write(p, format!("{}\n", std::process::id()))
@@ -139,7 +140,7 @@ async fn serve(server: tidegate::Server, path: PathBuf) -> ExitCode {
         eprintln!("tidegate: cannot write pid file {}: {e}", p.display());
         return ExitCode::FAILURE;
     }
-    tokio::spawn(tidegate::reload::watch(shared.clone(), path));
+    tokio::spawn(tidegate::reload::watch(shared.clone(), path, hup));
     let token = server.shutdown_token();
     let run = tokio::spawn(server.run());
     shutdown_signal().await;

@@ -4,7 +4,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use hyper::body::Incoming;
@@ -17,11 +16,12 @@ use crate::access::{self, AccessLog};
 use crate::balancer::{NoPick, PickCtx};
 use crate::body::ProxyBody;
 use crate::config::Cidr;
+use crate::config::Underscores;
 use crate::connection::{ConnCtx, UpgradedIo};
 use crate::error::ProxyError;
 use crate::route::host_without_port;
 use crate::runtime::{ConnGuard, Runtime, Upstream, now_ms};
-use crate::upstream::{self, ReqBody, Sender};
+use crate::upstream::{self, ReqBody, ReqProgress, Sender};
 use crate::ws;
 
 pub async fn handle(req: Request<Incoming>, cx: Arc<ConnCtx>) -> Response<ProxyBody> {
@@ -62,6 +62,10 @@ fn local_error(req: &Parts, body_present: bool, cx: &ConnCtx, e: ProxyError) -> 
     }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if status == StatusCode::UPGRADE_REQUIRED {
+        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     resp
 }
@@ -105,6 +109,23 @@ fn check_framing(h: &HeaderMap) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Request targets a reverse proxy serves: origin-form; `*` only for OPTIONS; absolute-form
+/// only when its authority is the Host; never CONNECT.
+fn check_target(req: &Parts, host: &str) -> Result<(), ProxyError> {
+    if req.method == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not proxied"));
+    }
+    if req.uri.path() == "*" && req.uri.authority().is_none() {
+        return if req.method == Method::OPTIONS { Ok(()) } else { Err(ProxyError::BadRequest("request target * is only for OPTIONS")) };
+    }
+    if let Some(authority) = req.uri.authority()
+        && !authority.as_str().eq_ignore_ascii_case(host)
+    {
+        return Err(ProxyError::BadRequest("absolute-form target whose authority is not the Host"));
+    }
+    Ok(())
+}
+
 /// Does a comma-separated header contain `token` (case-insensitive)?
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
@@ -133,8 +154,11 @@ fn classify_upgrade(req: &Parts) -> Result<Upgrade, ProxyError> {
         (Some(k), None) if ws::valid_key(k.as_bytes()) => k.clone(),
         _ => return Err(ProxyError::BadRequest("WebSocket upgrade without exactly one valid Sec-WebSocket-Key")),
     };
-    if h.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
-        return Err(ProxyError::BadRequest("WebSocket upgrade without Sec-WebSocket-Version: 13"));
+    let mut versions = h.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        (None, _) => return Err(ProxyError::BadRequest("WebSocket upgrade without Sec-WebSocket-Version: 13")),
+        _ => return Err(ProxyError::WebSocketVersion),
     }
     Ok(Upgrade::WebSocket { key })
 }
@@ -217,10 +241,11 @@ async fn forward(
     let mut hosts = req.headers.get_all(header::HOST).iter();
     let host_value = match (hosts.next(), hosts.next()) {
         (Some(h), None) => h.clone(),
-        (None, _) if req.version < Version::HTTP_11 => HeaderValue::from_static(""),
         _ => return Err(ProxyError::BadRequest("request needs exactly one Host header")),
     };
-    let host = host_without_port(host_value.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?);
+    let host_text = host_value.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?;
+    check_target(req, host_text)?;
+    let host = host_without_port(host_text);
     let path = req.uri.path();
     // The connection's listener in this snapshot: by index while nothing was reloaded since
     // the accept, else by key.
@@ -240,12 +265,27 @@ async fn forward(
     // The request that goes upstream: same method, origin-form target, headers re-made.
     let trusted = is_trusted(&listener_cfg.trusted_proxies, cx.peer.ip().to_canonical());
     let client_ip = if trusted { client_behind_proxies(&req.headers, &listener_cfg.trusted_proxies) } else { None }.unwrap_or(cx.peer.ip());
-    let bytes_in = Arc::new(AtomicU64::new(0));
-    let mut out = Request::new(ReqBody::new(body, bytes_in.clone()));
+    let bytes_in = Arc::new(ReqProgress::default());
+    let mut out = Request::new(ReqBody::new(body, bytes_in.clone(), cx.timeouts.body, cx.timeouts.body_min_rate));
     *out.method_mut() = req.method.clone();
     *out.uri_mut() = req.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     let mut headers = std::mem::take(&mut req.headers);
     strip_hop_by_hop(&mut headers);
+    // 100-continue is answered here (hyper sends it when the body is first read); the server
+    // never gets to answer early to a body we already promised to take.
+    headers.remove(header::EXPECT);
+    match listener_cfg.header_underscores {
+        Underscores::Allow => {}
+        policy => {
+            let odd: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+            if !odd.is_empty() && policy == Underscores::Reject {
+                return Err(ProxyError::BadRequest("header name with an underscore"));
+            }
+            for name in odd {
+                headers.remove(name);
+            }
+        }
+    }
     set_forwarded(&mut headers, cx.peer, trusted, cx.tls, Some(host_value));
     if let Upgrade::WebSocket { .. } = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -253,7 +293,10 @@ async fn forward(
     }
     *out.headers_mut() = headers;
 
-    let (mut resp, guard, sender, backend_addr, set_cookie) = dispatch(upstream, out, cx, client_ip).await?;
+    let (mut resp, guard, sender, backend_addr, set_cookie) = match dispatch(upstream, out, cx, client_ip).await {
+        Err(_) if bytes_in.too_slow.load(std::sync::atomic::Ordering::Relaxed) => return Err(ProxyError::BodyTooSlow),
+        other => other?,
+    };
     upstream.metrics.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].inc();
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -280,6 +323,11 @@ async fn forward(
     let max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if !bytes_in.done.load(std::sync::atomic::Ordering::Relaxed) {
+        // The server answered before the whole request body arrived: whatever the client still
+        // sends of it must not be read as a next request.
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let body =
         ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()), (upstream.metrics.clone(), bytes_in));
     Ok(Response::from_parts(parts, body))
@@ -413,18 +461,20 @@ fn start_tunnel(
                 return;
             }
         };
+        // Copy out the few early bytes (usually none) so hyper's read buffers are freed now
+        // rather than pinned for the tunnel's whole life.
         let (client, client_early) = match client.downcast::<UpgradedIo>() {
-            Ok(p) => (p.io.into_inner().into_inner(), p.read_buf),
+            Ok(p) => (p.io.into_inner().into_inner(), p.read_buf.to_vec()),
             Err(_) => return tracing::error!("client upgrade is not a tidegate stream"),
         };
         let (server, server_early) = match server.downcast::<upstream::UpgradedUpstream>() {
-            Ok(p) => (p.io.into_inner(), p.read_buf),
+            Ok(p) => (p.io.into_inner(), p.read_buf.to_vec()),
             Err(_) => return tracing::error!("server upgrade is not a tidegate upstream stream"),
         };
         let bm = guard.backend().metrics.clone();
         bm.tunnels_opened.inc();
         let open = crate::admin::metrics::GaugeGuard::new(&bm.tunnels_open);
-        let stats = crate::tunnel::relay(client, &client_early, server, &server_early, idle, close, true).await;
+        let stats = crate::tunnel::relay(client, client_early, server, server_early, idle, close, true).await;
         drop(open);
         bm.tunnels_closed[stats.end.reason() as usize].inc();
         um.bytes_in.inc_by(stats.client_to_server);

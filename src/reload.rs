@@ -172,7 +172,10 @@ fn drains(old: &Runtime, new: &Runtime) -> (usize, usize) {
         }
     }
     for u in &old.upstreams {
-        let plan = DrainPlan { since: now, timeout: u.cfg.drain.timeout, spread: u.cfg.drain.spread, close_code: u.cfg.drain.close_code };
+        // The new config's drain settings for this upstream when it still exists (the edit
+        // that removed the server may also have set how it drains), else the old ones.
+        let d = new.upstreams.iter().find(|n| n.name() == u.name()).map_or(u.cfg.drain, |n| n.cfg.drain);
+        let plan = DrainPlan { since: now, timeout: d.timeout, spread: d.spread, close_code: d.close_code };
         for b in &u.backends {
             let plan = match serving.get(&b.state.id) {
                 None => Some(plan),
@@ -189,17 +192,22 @@ fn drains(old: &Runtime, new: &Runtime) -> (usize, usize) {
     (drained, resumed)
 }
 
-/// Reloads on SIGHUP and, when `reload_on_change` is on, when a watched file changes.
-/// Runs until shutdown.
-pub async fn watch(shared: Arc<Shared>, path: PathBuf) {
+/// Starts listening for SIGHUP (before the pid file is written, so a `tidegate reload`
+/// can never hit the default action, which would end the process).
+pub fn sighup() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+    match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; reload by file change only");
             None
         }
-    };
+    }
+}
+
+/// Reloads on SIGHUP and, when `reload_on_change` is on, when a watched file changes.
+/// Runs until shutdown.
+pub async fn watch(shared: Arc<Shared>, path: PathBuf, mut hup: Option<tokio::signal::unix::Signal>) {
     let mut seen = fingerprint(&shared.runtime.load().config.watched_files());
     let mut pending: Option<Fingerprint> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -489,6 +489,8 @@ impl Runtime {
                     accept_proxy: l.accept_proxy,
                     trusted: l.trusted_proxies.clone().into(),
                     metrics: Arc::new(registry.metrics.listener(&l.name)),
+                    max_connections: l.max_connections,
+                    max_connections_per_client: l.max_connections_per_client,
                 },
             });
         }

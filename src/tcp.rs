@@ -96,7 +96,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, setup: ListenerSetup
     let bm = guard.backend().metrics.clone();
     bm.tunnels_opened.inc();
     let open = crate::admin::metrics::GaugeGuard::new(&bm.tunnels_open);
-    let stats = crate::tunnel::relay(client_io, &[], server, &[], idle, close, false).await;
+    let stats = crate::tunnel::relay(client_io, Vec::new(), server, Vec::new(), idle, close, false).await;
     drop(open);
     bm.tunnels_closed[stats.end.reason() as usize].inc();
     um.bytes_in.inc_by(stats.client_to_server);

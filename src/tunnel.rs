@@ -101,15 +101,15 @@ struct Half {
 }
 
 impl Half {
-    fn with_initial(bytes: &[u8], websocket: bool) -> Self {
+    fn with_initial(bytes: Vec<u8>, websocket: bool) -> Self {
         let mut h = Half::default();
         if !websocket {
             h.frames = FrameTracker::raw();
         }
         if !bytes.is_empty() {
-            h.pending = bytes.to_vec();
-            h.frames.advance(bytes);
+            h.frames.advance(&bytes);
             h.bytes = bytes.len() as u64;
+            h.pending = bytes;
         }
         h
     }
@@ -285,14 +285,16 @@ fn rand_mask_u64() -> u64 {
 }
 
 /// Relays until both sides close, an error, `idle` with no byte, or until `close` resolves.
+/// `client_early`/`server_early` are bytes already read from each side (owned copies, so that
+/// no read buffer of the HTTP layer stays alive with the tunnel).
 /// Then, for a WebSocket, both sides get a close frame with its code, on a frame boundary;
 /// plain TCP (`websocket = false`) is just closed.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<C, S>(
     mut client: C,
-    client_early: &[u8],
+    client_early: Vec<u8>,
     mut server: S,
-    server_early: &[u8],
+    server_early: Vec<u8>,
     idle: Duration,
     close: impl std::future::Future<Output = CloseBy>,
     websocket: bool,

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -208,37 +208,95 @@ pub async fn send(
     }
 }
 
-/// The request body sent upstream: the client's body, streamed, with a byte count for the
-/// access log.
+/// How far a request body got: bytes, whether it ended, whether it was cut for being too slow.
+#[derive(Debug, Default)]
+pub struct ReqProgress {
+    pub bytes: AtomicU64,
+    pub done: AtomicBool,
+    pub too_slow: AtomicBool,
+}
+
+/// A request body too slow for `body_min_rate`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body too slow: under {min_rate} bytes/s over {window:?}")]
+pub struct BodyTooSlow {
+    pub min_rate: u64,
+    pub window: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body sent upstream: the client's body, streamed, counted, and cut when it
+/// advances by less than `min_rate` bytes per second over a `window` (a trickling client
+/// must not hold a connection to the server forever).
 #[derive(Debug)]
 pub struct ReqBody {
     inner: Option<Incoming>,
-    bytes: Arc<AtomicU64>,
+    progress: Arc<ReqProgress>,
+    window: Duration,
+    min_rate: u64,
+    /// Bytes at the start of the current window, and its deadline.
+    window_start_bytes: u64,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ReqBody {
-    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner: Some(inner), bytes }
+    pub fn new(inner: Incoming, progress: Arc<ReqProgress>, window: Duration, min_rate: u64) -> Self {
+        let done = inner.is_end_stream();
+        progress.done.store(done, Ordering::Relaxed);
+        Self { inner: Some(inner), progress, window, min_rate, window_start_bytes: 0, timer: None }
     }
 
     pub fn empty() -> Self {
-        Self { inner: None, bytes: Arc::new(AtomicU64::new(0)) }
+        let progress = Arc::new(ReqProgress::default());
+        progress.done.store(true, Ordering::Relaxed);
+        Self { inner: None, progress, window: Duration::from_secs(30), min_rate: 0, window_start_bytes: 0, timer: None }
+    }
+
+    /// Checks the rate when the window ends; `Err` when the body is too slow.
+    fn poll_window(&mut self, cx: &mut Context<'_>) -> Result<(), BodyTooSlow> {
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(self.window)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let now = self.progress.bytes.load(Ordering::Relaxed);
+            let needed = (self.min_rate.saturating_mul(self.window.as_secs().max(1))).max(1);
+            if now - self.window_start_bytes < needed {
+                self.progress.too_slow.store(true, Ordering::Relaxed);
+                return Err(BodyTooSlow { min_rate: self.min_rate, window: self.window });
+            }
+            self.window_start_bytes = now;
+            timer.as_mut().reset(tokio::time::Instant::now() + self.window);
+        }
+        Ok(())
     }
 }
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
-        let res = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &res
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                    this.progress.done.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => {
+                this.progress.done.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.poll_window(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+            },
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {

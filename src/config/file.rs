@@ -34,6 +34,9 @@ pub(super) struct FileListener {
     pub tls: Option<Spanned<FileListenerTls>>,
     pub upstream: Option<Spanned<String>>,
     pub accept_proxy: Option<Spanned<bool>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_client: Option<Spanned<i64>>,
+    pub header_underscores: Option<Spanned<String>>,
     #[serde(default)]
     pub route: Vec<Spanned<FileRoute>>,
 }
@@ -69,6 +72,8 @@ pub(super) struct FileUpstreamTls {
 pub(super) struct FileListenerTimeouts {
     pub header_read: Option<Spanned<String>>,
     pub keepalive_idle: Option<Spanned<String>>,
+    pub body: Option<Spanned<String>>,
+    pub body_min_rate: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

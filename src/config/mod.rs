@@ -130,6 +130,12 @@ pub struct ListenerConfig {
     pub tls: Option<ListenerTls>,
     /// Read a PROXY protocol header (v1 or v2) first; only from `trusted_proxies`.
     pub accept_proxy: bool,
+    /// Most client connections open at once on this listener (0: no limit); more are closed
+    /// at accept.
+    pub max_connections: u32,
+    /// Most client connections open at once from one client address (0: no limit).
+    pub max_connections_per_client: u32,
+    pub header_underscores: Underscores,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +181,34 @@ pub struct ListenerTimeouts {
     pub header_read: Duration,
     /// Idle keep-alive connection is closed after this. Default 60s.
     pub keepalive_idle: Duration,
+    /// A request body must advance by `body_min_rate` bytes per second, checked over windows
+    /// of this length (and by at least one byte when the rate is 0); else 408. Default 30s.
+    pub body: Duration,
+    /// Default 64 bytes per second (a body trickled at 1 byte/s is cut).
+    pub body_min_rate: u64,
 }
 
 impl Default for ListenerTimeouts {
     fn default() -> Self {
-        Self { header_read: Duration::from_secs(10), keepalive_idle: Duration::from_secs(60) }
+        Self {
+            header_read: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(60),
+            body: Duration::from_secs(30),
+            body_min_rate: 64,
+        }
     }
+}
+
+/// What to do with request headers whose names contain `_` (many servers read them as `-`,
+/// so they can smuggle a header past checks made on the dashed name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underscores {
+    /// Removed before forwarding (default; nginx's `underscores_in_headers off`).
+    Drop,
+    /// The request gets 400.
+    Reject,
+    /// Forwarded as they are.
+    Allow,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

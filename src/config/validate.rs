@@ -15,7 +15,7 @@ use super::file::{
 use super::{
     AdminConfig, Balance, Cidr, Config, ConfigError, ConfigErrors, CookieConfig, DrainConfig, FailOn, Fallback, HashConfig, HashKey,
     HealthConfig, HealthKind, HostMatch, IpHashMode, ListenerConfig, ListenerMode, ListenerTimeouts, ListenerTls, LoadReport, RouteConfig,
-    SameSite, SendProxy, ServerConfig, TlsCert, TlsVersion, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
+    SameSite, SendProxy, ServerConfig, TlsCert, TlsVersion, Underscores, UpstreamConfig, UpstreamTimeouts, UpstreamTls, parse_duration,
 };
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -166,7 +166,35 @@ impl Ctx<'_> {
         seen_binds: &mut Vec<(SocketAddr, String, usize)>,
     ) -> ListenerConfig {
         let header = l.span().start;
-        let FileListener { name, bind, mode, trusted_proxies, timeouts, tls, upstream, accept_proxy, route } = l.into_inner();
+        let FileListener {
+            name,
+            bind,
+            mode,
+            trusted_proxies,
+            timeouts,
+            tls,
+            upstream,
+            accept_proxy,
+            max_connections,
+            max_connections_per_client,
+            header_underscores,
+            route,
+        } = l.into_inner();
+        let max_connections = max_connections.and_then(|m| self.int(&m, "max_connections", 0, u64::from(u32::MAX))).unwrap_or(0) as u32;
+        let max_connections_per_client =
+            max_connections_per_client.and_then(|m| self.int(&m, "max_connections_per_client", 0, u64::from(u32::MAX))).unwrap_or(0) as u32;
+        let header_underscores = match header_underscores {
+            None => Underscores::Drop,
+            Some(u) => match u.get_ref().as_str() {
+                "drop" => Underscores::Drop,
+                "reject" => Underscores::Reject,
+                "allow" => Underscores::Allow,
+                other => {
+                    self.error_at(&u, format!(r#"invalid header_underscores {other:?}; expected "drop" (default), "reject" or "allow""#));
+                    Underscores::Drop
+                }
+            },
+        };
 
         if name.get_ref().trim().is_empty() {
             self.error_at(&name, "listener name must not be empty");
@@ -229,11 +257,13 @@ impl Ctx<'_> {
         let timeouts = match timeouts {
             None => ListenerTimeouts::default(),
             Some(t) => {
-                let FileListenerTimeouts { header_read, keepalive_idle } = t;
+                let FileListenerTimeouts { header_read, keepalive_idle, body, body_min_rate } = t;
                 let d = ListenerTimeouts::default();
                 ListenerTimeouts {
                     header_read: self.duration(header_read.as_ref(), "header_read", d.header_read),
                     keepalive_idle: self.duration(keepalive_idle.as_ref(), "keepalive_idle", d.keepalive_idle),
+                    body: self.duration(body.as_ref(), "body", d.body),
+                    body_min_rate: body_min_rate.and_then(|r| self.int(&r, "body_min_rate", 0, 1 << 40)).unwrap_or(d.body_min_rate),
                 }
             }
         };
@@ -289,7 +319,19 @@ impl Ctx<'_> {
             );
         }
         let tls = tls.map(|t| self.listener_tls(t));
-        ListenerConfig { name: name.into_inner(), bind: bind_addr, mode, routes, timeouts, trusted_proxies: proxies, tls, accept_proxy }
+        ListenerConfig {
+            name: name.into_inner(),
+            bind: bind_addr,
+            mode,
+            routes,
+            timeouts,
+            trusted_proxies: proxies,
+            tls,
+            accept_proxy,
+            max_connections,
+            max_connections_per_client,
+            header_underscores,
+        }
     }
 
     /// `[listener.tls]`: loads every certificate now, so `check` and a reload catch a missing,
@@ -1366,7 +1408,7 @@ servers = [{ addr = "127.0.0.1:9001" }]
         assert_eq!((line, col), (1, 1));
         assert!(
             msg.starts_with(
-                r#"unknown key "shutdown" at top level; expected one of: shutdown_timeout, pid_file, reload_on_change, listener, upstream"#
+                r#"unknown key "shutdown" at top level; expected one of: shutdown_timeout, pid_file, reload_on_change, admin, log, listener, upstream"#
             ),
             "{msg}"
         );
