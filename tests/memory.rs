@@ -85,17 +85,19 @@ async fn start_tidegate(backend: SocketAddr) -> (Kill, SocketAddr) {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tidegate"))
-        .args(["run", "-c", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_tidegate"))
+            .args(["run", "-c", cfg.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     for _ in 0..200 {
         if TcpStream::connect(addr).await.is_ok() {
-            return (Kill(child), addr);
+            return (child, addr);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
