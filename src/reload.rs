@@ -164,7 +164,8 @@ fn drains(old: &Runtime, new: &Runtime) -> (usize, usize) {
     }
     let (mut drained, mut resumed) = (0, 0);
     for u in &new.upstreams {
-        for b in u.backends.iter().filter(|b| !b.cfg.down) {
+        // A server down through the admin API keeps draining until the API brings it up.
+        for b in u.backends.iter().filter(|b| !b.cfg.down && !b.state.admin().down) {
             if b.state.is_draining() {
                 b.state.stop_drain();
                 resumed += 1;

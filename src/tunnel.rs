@@ -308,8 +308,11 @@ where
     let mut last = Instant::now();
     let mut closing: Option<u16> = None;
     let mut closed_for_drain = false;
-    // Which side's stream ended first, for the close reason.
+    // Which side ended first, for the close reason: for a WebSocket, whoever sent the first
+    // close frame (after the close handshake the server closes TCP first, RFC 6455 §7.1.1);
+    // otherwise whose stream ended first. `true`: the client.
     let mut first_eof: Option<bool> = None;
+    let mut first_close: Option<bool> = None;
     // Client close frames seen when we started closing: one more means the client answered.
     let mut client_closes = 0;
     let mut idle_timer = pin!(tokio::time::sleep(idle));
@@ -334,11 +337,14 @@ where
             if first_eof.is_none() && (c2s.eof || s2c.eof) {
                 first_eof = Some(c2s.eof);
             }
+            if first_close.is_none() && closing.is_none() && (c2s.frames.closes_seen() > 0 || s2c.frames.closes_seen() > 0) {
+                first_close = Some(c2s.frames.closes_seen() > 0);
+            }
             if matches!(a, Poll::Ready(Err(_))) || matches!(b, Poll::Ready(Err(_))) {
                 return Poll::Ready(TunnelEnd::Error);
             }
             if c2s.done() && s2c.done() {
-                return Poll::Ready(match (closing, first_eof) {
+                return Poll::Ready(match (closing, first_close.or(first_eof)) {
                     (Some(_), _) if closed_for_drain => TunnelEnd::Drain,
                     (Some(_), _) => TunnelEnd::Shutdown,
                     (None, Some(false)) => TunnelEnd::ServerClosed,

@@ -99,7 +99,9 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
         (token, admin.is_none_or(|a| a.bind.ip().is_loopback()))
     };
     let mutating = req.method() == Method::POST;
-    if (mutating || !open_reads) && !authorized(&req, token.as_deref()) {
+    // The page itself holds no data (it asks for the token and sends it with its API calls).
+    let page = req.method() == Method::GET && matches!(req.uri().path(), "/status" | "/");
+    if (mutating || !(open_reads || page)) && !authorized(&req, token.as_deref()) {
         tracing::warn!(peer = %peer, method = %req.method(), path = %req.uri().path(), "admin call without a valid token");
         let mut r = error(StatusCode::UNAUTHORIZED, "this call needs Authorization: Bearer <admin token>");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -137,9 +139,16 @@ async fn handle(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
             }
         }
         (Method::POST, ["api", "v1", "upstreams", upstream, "servers", addr, action]) => steer(shared, upstream, addr, action),
-        (_, ["api", ..]) | (_, ["metrics"]) | (_, ["status"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here"),
+        (_, ["metrics"] | ["status"] | [""] | ["api", "v1", "status"]) => not_allowed("GET"),
+        (_, ["api", "v1", "reload"] | ["api", "v1", "upstreams", _, "servers", _, _]) => not_allowed("POST"),
         _ => error(StatusCode::NOT_FOUND, format!("no such admin endpoint: {path}")),
     }
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("method not allowed here; use {allow}"));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 fn steer(shared: &Shared, upstream: &str, addr: &str, action: &str) -> Response<Full<Bytes>> {

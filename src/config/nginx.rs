@@ -1871,3 +1871,1541 @@ impl Cx {
         self.ups.len() - 1
     }
 }
+
+// =======================================================================================
+// Converter: upstream blocks
+// =======================================================================================
+
+impl Cx {
+    fn upstream(&mut self, d: &Directive, stream: bool) {
+        let Some(nginx_name) = d.arg(0).filter(|_| d.args.len() == 1) else {
+            self.unsupported(d, format!("{}: expected `upstream NAME {{ ... }}`; not converted", d.text()));
+            return;
+        };
+        let names = if stream { &self.stream_names } else { &self.http_names };
+        if names.contains_key(nginx_name) {
+            self.unsupported(d, format!("duplicate upstream \"{nginx_name}\" (nginx refuses this); the first one is used"));
+            return;
+        }
+        let name = self.claim_name(nginx_name);
+        if name != nginx_name {
+            self.warn(d, format!("upstream \"{nginx_name}\" is named \"{name}\" in tidegate (names are unique across http and stream, letters, digits, '_', '.', '-')"));
+        }
+        let i = self.new_up(name, format!("upstream {nginx_name}"), d.loc(), stream);
+        if stream {
+            self.stream_names.insert(nginx_name.to_string(), i);
+        } else {
+            self.http_names.insert(nginx_name.to_string(), i);
+        }
+        let mut check: Option<&Directive> = None;
+        let mut check_send: Option<&Directive> = None;
+        let mut check_expect: Option<&Directive> = None;
+        let mut sticky: Option<&Directive> = None;
+        for c in d.children() {
+            match c.name.as_str() {
+                "server" => self.upstream_server(c, i),
+                "least_conn" => self.set_method(i, c, Method::LeastConn, "-> balance = \"least_conn\""),
+                "ip_hash" => self.set_method(
+                    i,
+                    c,
+                    Method::IpHash,
+                    "-> balance = \"ip_hash\" with ip_hash = { mode = \"nginx\" }: nginx's own hash of the first three octets, so clients keep their server",
+                ),
+                "hash" => self.hash_method(i, c),
+                "random" => self.random_method(i, c),
+                "least_time" => {
+                    self.set_method(i, c, Method::LeastConn, "");
+                    self.warn(c, format!("{}: nginx Plus's least_time becomes least_conn (tidegate does not measure response times)", c.text()));
+                }
+                "sticky" => sticky = Some(c),
+                "keepalive" => match c.arg(0).and_then(|a| a.parse::<u64>().ok()) {
+                    Some(k) => {
+                        self.ups[i].keepalive = Some((k, c.loc()));
+                        self.converted(c, "-> keepalive (tidegate counts idle connections per server; nginx per worker for the whole upstream)");
+                    }
+                    None => self.warn(c, format!("{}: not a number; not carried over", c.text())),
+                },
+                "zone" => self.converted(c, "ignored: tidegate's balancing state is shared by all its threads without a zone"),
+                "keepalive_timeout" | "keepalive_requests" | "keepalive_time" => {
+                    self.warn(c, format!("{}: not configurable in tidegate; idle pooled connections are kept until the server closes them", c.text()))
+                }
+                "resolver" | "resolver_timeout" => {
+                    self.warn(c, format!("{}: tidegate resolves server names once, when it loads the config", c.text()))
+                }
+                "queue" => self.warn(c, format!("{}: tidegate does not queue; when every server is full it answers 503 at once", c.text())),
+                "ntlm" => self.unsupported(c, format!("{}: NTLM connection binding is not supported", c.text())),
+                "state" => self.unsupported(c, format!("{}: servers kept in a state file are not read; list them in the upstream", c.text())),
+                "check" => check = Some(c),
+                "check_http_send" => check_send = Some(c),
+                "check_http_expect_alive" => check_expect = Some(c),
+                "check_keepalive_requests" | "check_shm_size" | "check_fastcgi_param" => {
+                    self.warn(c, format!("{}: not configurable in tidegate's health checks", c.text()))
+                }
+                _ => self.other(c, Ctx::Upstream),
+            }
+        }
+        if let Some(c) = check {
+            self.health_check(i, c, check_send, check_expect);
+        } else {
+            for c in [check_send, check_expect].into_iter().flatten() {
+                self.warn(c, format!("{}: without a `check` directive there is no health check to apply it to", c.text()));
+            }
+        }
+        if let Some(s) = sticky {
+            self.sticky(i, s);
+        }
+        self.finish_upstream(i, d);
+    }
+
+    fn set_method(&mut self, i: usize, d: &Directive, m: Method, message: &str) {
+        if let Some(prev) = &self.ups[i].method_loc {
+            let at = self.at(prev);
+            self.warn(d, format!("load balancing method redefined (previously at {at}); the last one wins, as in nginx"));
+        }
+        self.ups[i].method = m;
+        self.ups[i].method_loc = Some(d.loc());
+        if !message.is_empty() {
+            self.converted(d, message);
+        }
+    }
+
+    fn hash_method(&mut self, i: usize, d: &Directive) {
+        let consistent = match d.arg(1) {
+            None => false,
+            Some("consistent") if d.args.len() == 2 => true,
+            _ => {
+                self.unsupported(d, format!("{}: expected `hash KEY [consistent]`; balanced round-robin instead", d.text()));
+                return;
+            }
+        };
+        let raw = d.arg(0).unwrap_or_default();
+        let stream = self.ups[i].stream;
+        match hash_key(raw, stream) {
+            Ok((key, caveat)) => {
+                let mut msg = format!("-> balance = \"hash\", key = \"{key}\", bounded_load = 0");
+                if consistent {
+                    msg.push_str(" (the same ketama ring as nginx's `hash ... consistent`)");
+                }
+                self.set_method(i, d, Method::Hash { key, consistent }, &msg);
+                if !consistent {
+                    self.warn(
+                        d,
+                        "nginx's `hash` without `consistent` maps keys by a weighted modulo; tidegate hashes consistently (ketama ring), so most keys move to another server once after the switch, and afterwards adding or removing a server moves only ~1/N of them",
+                    );
+                }
+                if let Some(c) = caveat {
+                    self.warn(d, c);
+                }
+            }
+            Err(why) => self.unsupported(d, format!("{}: {why}; balanced round-robin instead", d.text())),
+        }
+    }
+
+    fn random_method(&mut self, i: usize, d: &Directive) {
+        match (d.arg(0), d.arg(1)) {
+            (None, _) => {
+                self.set_method(i, d, Method::Random, "");
+                self.warn(
+                    d,
+                    "`random` becomes round_robin: the same share per server as nginx's weighted random, without the load-awareness p2c would add (use balance = \"p2c\" for nginx's `random two`)",
+                );
+            }
+            (Some("two"), None | Some("least_conn")) if d.args.len() <= 2 => {
+                self.set_method(i, d, Method::RandomTwo, "-> balance = \"p2c\": two weighted-random servers, the less loaded wins")
+            }
+            (Some("two"), Some(m)) => {
+                self.set_method(i, d, Method::RandomTwo, "");
+                self.warn(d, format!("`random two {m}` becomes p2c comparing live connections (tidegate does not measure response times)"));
+            }
+            _ => self.unsupported(d, format!("{}: expected `random [two [least_conn]]`; balanced round-robin instead", d.text())),
+        }
+    }
+
+    fn upstream_server(&mut self, d: &Directive, i: usize) {
+        let Some(raw) = d.arg(0) else {
+            self.unsupported(d, "server without an address; not converted");
+            return;
+        };
+        let stream = self.ups[i].stream;
+        if raw.len() >= 5 && raw[..5].eq_ignore_ascii_case("unix:") {
+            self.unsupported(d, format!("{}: unix-socket servers are not supported (tidegate connects over TCP); server left out", d.text()));
+            return;
+        }
+        let (addr, non_canonical) = match server_addr(raw, if stream { None } else { Some(80) }) {
+            Ok(a) => a,
+            Err(why) => {
+                self.unsupported(d, format!("{}: {why}; server left out", d.text()));
+                return;
+            }
+        };
+        let mut s = Srv {
+            addr,
+            weight: 1,
+            max_fails: None,
+            fail_timeout: None,
+            backup: false,
+            down: false,
+            max_conns: None,
+            loc: d.loc(),
+            non_canonical,
+        };
+        if !non_canonical {
+            // nothing to say
+        } else if raw.parse::<IpAddr>().is_ok() || raw.trim_start_matches('[').trim_end_matches(']').parse::<Ipv6Addr>().is_ok() {
+            self.converted(d, format!("\"{raw}\" has no port: {} (nginx's default port 80)", s.addr));
+        } else {
+            self.warn(
+                d,
+                format!("\"{raw}\" is a host name: tidegate resolves it once when it loads the config and uses the first address (nginx adds one server per address)"),
+            );
+        }
+        for a in d.args.iter().skip(1) {
+            let p = a.value.as_str();
+            let (key, val) = p.split_once('=').unwrap_or((p, ""));
+            match key {
+                "weight" => match val.parse::<u32>() {
+                    Ok(w) if w >= 1 => s.weight = w,
+                    _ => self.unsupported(d, format!("invalid weight \"{val}\"; weight 1 used")),
+                },
+                "max_fails" => match val.parse::<u32>() {
+                    Ok(m) => s.max_fails = Some(m),
+                    _ => self.warn(d, format!("invalid max_fails \"{val}\"; the default (1) applies")),
+                },
+                "fail_timeout" => match nginx_time_ms(val) {
+                    Some(0) => {
+                        s.fail_timeout = Some(1000);
+                        self.warn(d, "fail_timeout=0 becomes \"1s\" (tidegate's smallest useful window)");
+                    }
+                    Some(ms) => s.fail_timeout = Some(ms),
+                    None => self.warn(d, format!("invalid fail_timeout \"{val}\"; the default (10s) applies")),
+                },
+                "max_conns" => match val.parse::<u32>() {
+                    Ok(m) => s.max_conns = Some(m),
+                    _ => self.warn(d, format!("invalid max_conns \"{val}\"; not carried over")),
+                },
+                "backup" if val.is_empty() => s.backup = true,
+                "down" if val.is_empty() => s.down = true,
+                "drain" if val.is_empty() => {
+                    s.down = true;
+                    self.warn(
+                        d,
+                        "`drain` becomes down = true, tidegate's way to drain: the server gets no new connections and its open WebSocket tunnels run on for drain_timeout (10m), then close with 1001 spread over drain_spread; unlike nginx Plus, requests bound to it by a sticky cookie are rebalanced at once",
+                    );
+                }
+                "route" => self.warn(d, format!("route={val} ignored: tidegate's sticky cookies carry their own opaque server id")),
+                "slow_start" => self.warn(d, format!("slow_start={val} not supported: a recovered server takes its full share at once (least_conn and p2c fill an empty server first)")),
+                "resolve" if val.is_empty() => self.warn(d, "`resolve` not supported: tidegate resolves the name once when the config loads (reload to re-resolve)"),
+                "service" => self.warn(d, format!("service={val} (DNS SRV lookup) not supported: the name is resolved as an ordinary A/AAAA record on port {}", s.addr.rsplit(':').next().unwrap_or("80"))),
+                "id" | "sid" => self.warn(d, format!("{p} ignored")),
+                _ => self.unsupported(d, format!("unknown server parameter \"{p}\"; ignored")),
+            }
+        }
+        let up = &mut self.ups[i];
+        if let Some(prev) = up.servers.iter_mut().find(|o| o.addr == s.addr) {
+            prev.weight = prev.weight.saturating_add(s.weight);
+            let (addr, w) = (prev.addr.clone(), prev.weight);
+            self.warn(d, format!("server {addr} is listed twice; tidegate needs it once: merged with weight {w}"));
+            return;
+        }
+        up.servers.push(s);
+    }
+
+    fn finish_upstream(&mut self, i: usize, d: &Directive) {
+        let up = &self.ups[i];
+        let method = up.method.clone();
+        let any_backup = up.servers.iter().any(|s| s.backup);
+        let hash_like = matches!(method, Method::IpHash | Method::Hash { .. } | Method::Random | Method::RandomTwo);
+        if any_backup && hash_like {
+            self.warn(d, "nginx refuses `backup` servers with hash, ip_hash and random balancing; tidegate keeps them as backups (used only when no primary can serve)");
+        }
+        if matches!(method, Method::Hash { consistent: true, .. }) {
+            let odd: Vec<String> = self.ups[i].servers.iter().filter(|s| s.non_canonical).map(|s| s.addr.clone()).collect();
+            if !odd.is_empty() {
+                self.warn(
+                    d,
+                    format!(
+                        "nginx builds its consistent-hash ring from the server addresses as written; tidegate from the resolved IP:PORT text, so keys on {} will map differently (write servers as IP:PORT to keep the mapping)",
+                        odd.join(", ")
+                    ),
+                );
+            }
+        }
+        if matches!(method, Method::Hash { ref key, .. } if key != "ip") && self.ups[i].stream {
+            // hash_key() already refused non-ip keys in stream.
+        }
+        let up = &mut self.ups[i];
+        if up.servers.is_empty() {
+            up.dead = Some("it has no server tidegate can use".into());
+        } else if up.servers.iter().all(|s| s.down) {
+            up.dead = Some("every server is down (tidegate needs at least one up)".into());
+        } else if up.servers.iter().all(|s| s.backup) {
+            up.dead = Some("every server is a backup (tidegate needs a primary)".into());
+        }
+        if let Some(why) = self.ups[i].dead.clone() {
+            let name = self.ups[i].name.clone();
+            self.unsupported(d, format!("upstream \"{name}\" is not written: {why}; locations using it are left out"));
+        }
+    }
+
+    /// `check interval=3000 rise=2 fall=5 timeout=1000 type=http` (nginx_upstream_check_module).
+    fn health_check(&mut self, i: usize, c: &Directive, send: Option<&Directive>, expect: Option<&Directive>) {
+        let mut h = HealthCfg {
+            kind: "tcp",
+            interval: 30_000,
+            timeout: 1000,
+            rise: 2,
+            fall: 5,
+            start_healthy: false,
+            path: None,
+            host: None,
+            expect: None,
+            loc: c.loc(),
+        };
+        let mut kind = "tcp".to_string();
+        for a in &c.args {
+            let (k, v) = a.value.split_once('=').unwrap_or((a.value.as_str(), ""));
+            let num = v.parse::<u64>().ok();
+            match (k, num) {
+                ("interval", Some(n)) if n > 0 => h.interval = n,
+                ("timeout", Some(n)) if n > 0 => h.timeout = n,
+                ("rise", Some(n)) if (1..=1000).contains(&n) => h.rise = n,
+                ("fall", Some(n)) if (1..=1000).contains(&n) => h.fall = n,
+                ("type", _) => kind = v.to_string(),
+                ("default_down", _) => h.start_healthy = v == "false",
+                ("port", Some(0)) => {}
+                ("port", _) => self.warn(c, format!("check port={v} not supported: tidegate checks each server on its own port")),
+                _ => self.warn(c, format!("check parameter \"{}\" not understood; ignored", a.value)),
+            }
+        }
+        h.kind = match kind.as_str() {
+            "http" => "http",
+            "tcp" => "tcp",
+            other => {
+                self.warn(c, format!("check type={other} becomes a tcp (connect-only) check"));
+                "tcp"
+            }
+        };
+        if h.kind == "http" {
+            let request = send.and_then(|s| s.arg(0)).unwrap_or("GET / HTTP/1.0\r\n\r\n");
+            let mut lines = request.split("\r\n").flat_map(|l| l.split('\n'));
+            let first = lines.next().unwrap_or_default();
+            let mut words = first.split_whitespace();
+            let method = words.next().unwrap_or("GET");
+            let path = words.next().unwrap_or("/");
+            if method != "GET"
+                && let Some(s) = send
+            {
+                self.warn(s, format!("tidegate's http check sends GET, not {method}"));
+            }
+            if path.starts_with('/') && !path.bytes().any(|b| b.is_ascii_control()) {
+                h.path = Some(path.to_string());
+            } else if let Some(s) = send {
+                self.warn(s, format!("check path \"{path}\" not usable; \"/\" is checked"));
+            }
+            for l in lines {
+                if let Some((k, v)) = l.split_once(':')
+                    && k.trim().eq_ignore_ascii_case("host")
+                    && !v.trim().is_empty()
+                    && !v.trim().contains(char::is_whitespace)
+                {
+                    h.host = Some(v.trim().to_string());
+                }
+            }
+            let classes: Vec<String> = match expect {
+                Some(e) => e.args.iter().map(|a| a.value.clone()).collect(),
+                None => vec!["http_2xx".into(), "http_3xx".into()],
+            };
+            let mut codes = Vec::new();
+            for cls in &classes {
+                let base = match cls.as_str() {
+                    "http_1xx" => 100,
+                    "http_2xx" => 200,
+                    "http_3xx" => 300,
+                    "http_4xx" => 400,
+                    "http_5xx" => 500,
+                    other => {
+                        if let Some(e) = expect {
+                            self.warn(e, format!("expected status class \"{other}\" not understood; ignored"));
+                        }
+                        continue;
+                    }
+                };
+                codes.extend(base..base + 100);
+            }
+            codes.sort_unstable();
+            codes.dedup();
+            h.expect = if codes == (200..300).collect::<Vec<u16>>() || codes.is_empty() { None } else { Some(codes) };
+        } else {
+            for s in [send, expect].into_iter().flatten() {
+                self.warn(s, format!("{}: only used by type=http checks", s.text()));
+            }
+        }
+        if h.timeout > h.interval {
+            self.warn(c, format!("check timeout ({}ms) exceeds the interval ({}ms); tidegate's timeout must not, so it is set to the interval", h.timeout, h.interval));
+            h.timeout = h.interval;
+        }
+        self.converted(c, "-> [health] (nginx_upstream_check_module)");
+        self.ups[i].health = Some(h);
+    }
+
+    /// `sticky cookie NAME ...` (nginx Plus) or `sticky [name=] [expires=] ...`
+    /// (nginx-sticky-module-ng).
+    fn sticky(&mut self, i: usize, d: &Directive) {
+        let mut cfg = StickyCfg { loc: Some(d.loc()), ..StickyCfg::default() };
+        let plus = d.arg(0) == Some("cookie");
+        match d.arg(0) {
+            Some("route" | "learn") => {
+                self.unsupported(d, format!("{}: sticky {} is not supported (only cookie stickiness); balanced without stickiness", d.text(), d.arg(0).unwrap_or_default()));
+                return;
+            }
+            Some("cookie") => match d.arg(1) {
+                Some(n) if !n.contains('=') => cfg.name = Some(n.to_string()),
+                _ => {
+                    self.unsupported(d, format!("{}: expected `sticky cookie NAME ...`; balanced without stickiness", d.text()));
+                    return;
+                }
+            },
+            _ => {}
+        }
+        let skip = if plus { 2 } else { 0 };
+        let mut httponly = false;
+        for a in d.args.iter().skip(skip) {
+            let (k, v) = a.value.split_once('=').unwrap_or((a.value.as_str(), ""));
+            match k {
+                "name" if !plus => cfg.name = Some(v.to_string()),
+                "expires" => {
+                    if v == "max" {
+                        cfg.max_age = Some("3650d".into());
+                        self.converted(d, "expires=max -> max_age = \"3650d\"");
+                    } else {
+                        match nginx_time_ms(v).filter(|&ms| ms >= 1000) {
+                            Some(ms) => cfg.max_age = Some(fmt_ms(ms / 1000 * 1000)),
+                            None => self.warn(d, format!("expires={v} not understood; a session cookie is used")),
+                        }
+                    }
+                }
+                "domain" => {
+                    let dom = v.trim_start_matches('.');
+                    if !dom.is_empty() && dom.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') {
+                        cfg.domain = Some(dom.to_ascii_lowercase());
+                    } else {
+                        self.warn(d, format!("cookie domain \"{v}\" not usable; no Domain attribute"));
+                    }
+                }
+                "path" => {
+                    if v.starts_with('/') && v.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b',') {
+                        cfg.path = Some(v.to_string());
+                    } else {
+                        self.warn(d, format!("cookie path \"{v}\" not usable; \"/\" is used"));
+                    }
+                }
+                "samesite" => match v.to_ascii_lowercase().as_str() {
+                    "strict" => cfg.same_site = Some("strict"),
+                    "lax" => cfg.same_site = Some("lax"),
+                    "none" => cfg.same_site = Some("none"),
+                    _ => self.warn(d, format!("samesite={v} not understood; SameSite=Lax is used")),
+                },
+                "httponly" => httponly = true,
+                "secure" => self.converted(d, "secure: tidegate marks the cookie Secure on TLS listeners"),
+                "hash" if !plus => {
+                    self.converted(d, format!("hash={v} ignored: tidegate's cookie carries an opaque server id"));
+                }
+                "hmac" if !plus => {}
+                "hmac_key" if !plus => {
+                    if v.len() >= 16 {
+                        cfg.secret = Some(v.to_string());
+                        self.converted(d, "hmac_key -> cookie secret (HMAC-SHA256)");
+                    } else {
+                        self.warn(d, "hmac_key is shorter than the 16 characters tidegate needs for a cookie secret; cookies are unsigned");
+                    }
+                }
+                "no_fallback" if !plus => self.warn(d, "no_fallback not supported: a cookie naming an unavailable server is rebalanced and re-set"),
+                "transfer" | "delimiter" if !plus => self.warn(d, format!("{} ignored", a.value)),
+                _ => self.warn(d, format!("sticky parameter \"{}\" not understood; ignored", a.value)),
+            }
+        }
+        if let Some(n) = &cfg.name
+            && (n.is_empty() || !n.bytes().all(is_cookie_name_byte))
+        {
+            self.warn(d, format!("cookie name \"{n}\" is not a valid cookie name; \"tg_srv\" is used"));
+            cfg.name = None;
+        }
+        if !plus && cfg.name.is_none() {
+            cfg.name = Some("route".into());
+        }
+        if !httponly {
+            self.converted(d, "tidegate always marks its sticky cookie HttpOnly");
+        }
+        self.converted(
+            d,
+            "-> balance = \"cookie\"; tidegate's cookie values are its own opaque ids, so clients holding an nginx cookie are rebalanced once and get a new cookie",
+        );
+        self.ups[i].sticky = Some(cfg);
+    }
+}
+
+/// RFC 6265 cookie-name (an HTTP token).
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// nginx's hash key (`$remote_addr`, `$cookie_x`, ...) as a tidegate key, with a caveat
+/// when the match is not exact.
+fn hash_key(raw: &str, stream: bool) -> Result<(String, Option<String>), String> {
+    let Some(var) = single_var(raw) else {
+        return Err(format!(
+            "hash key \"{raw}\" is not a single variable; tidegate hashes one of $remote_addr, $cookie_NAME, $http_NAME, $arg_NAME, $request_uri, $uri"
+        ));
+    };
+    let ok_name = |n: &str| !n.is_empty() && n.bytes().all(is_cookie_name_byte);
+    let key = match var.as_str() {
+        "remote_addr" => ("ip".to_string(), None),
+        "binary_remote_addr" => (
+            "ip".to_string(),
+            Some("$binary_remote_addr becomes key = \"ip\": tidegate hashes the address as text (like $remote_addr), nginx hashed its 4 or 16 bytes, so clients map to other servers once after the switch".to_string()),
+        ),
+        _ if stream => return Err(format!("hash key ${var} cannot be used for TCP: only $remote_addr is available there")),
+        "request_uri" => (
+            "path".to_string(),
+            Some("$request_uri becomes key = \"path\": tidegate hashes the path without the query string, so URIs differing only in their query string share a server".to_string()),
+        ),
+        "uri" => (
+            "path".to_string(),
+            Some("$uri becomes key = \"path\": tidegate hashes the path as received (not percent-decoded or normalised as nginx's $uri is)".to_string()),
+        ),
+        v if v.starts_with("cookie_") && ok_name(&v[7..]) => (format!("cookie:{}", &v[7..]), None),
+        v if v.starts_with("arg_") && ok_name(&v[4..]) => (format!("query:{}", &v[4..]), None),
+        v if v.starts_with("http_") && ok_name(&v[5..]) => {
+            let header: Vec<String> = v[5..]
+                .split('_')
+                .map(|w| {
+                    let mut c = w.chars();
+                    c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+                })
+                .collect();
+            (format!("header:{}", header.join("-")), None)
+        }
+        other => {
+            return Err(format!(
+                "hash key ${other} has no tidegate equivalent (keys: $remote_addr, $cookie_NAME, $http_NAME, $arg_NAME, $request_uri, $uri)"
+            ));
+        }
+    };
+    Ok(key)
+}
+
+/// An upstream `server` address as tidegate's `addr` text, and whether it differs from
+/// what nginx wrote (no port, a host name).
+fn server_addr(raw: &str, default_port: Option<u16>) -> Result<(String, bool), String> {
+    if let Ok(sa) = raw.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err("port 0 is not a valid server port".into());
+        }
+        let canonical = sa.to_string();
+        let differs = canonical != raw;
+        return Ok((canonical, differs));
+    }
+    let (host, port) = split_host_port(raw)?;
+    let port = match (port, default_port) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p,
+        (None, None) => return Err(format!("\"{raw}\" has no port (stream servers need one)")),
+    };
+    if port == 0 {
+        return Err("port 0 is not a valid server port".into());
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((SocketAddr::new(ip, port).to_string(), true));
+    }
+    if !is_hostname(host) {
+        return Err(format!("\"{raw}\" is not an address tidegate understands (IP:PORT or host:port)"));
+    }
+    Ok((format!("{host}:{port}"), true))
+}
+
+/// `host:port`, `[v6]:port`, `host`, `[v6]`.
+fn split_host_port(raw: &str) -> Result<(&str, Option<u16>), String> {
+    let bad = || format!("\"{raw}\" is not an address tidegate understands (IP:PORT or host:port)");
+    if let Some(rest) = raw.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or_else(bad)?;
+        inside.parse::<Ipv6Addr>().map_err(|_| bad())?;
+        return match after {
+            "" => Ok((inside, None)),
+            p => Ok((inside, Some(p.strip_prefix(':').and_then(|p| p.parse().ok()).ok_or_else(bad)?))),
+        };
+    }
+    match raw.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Ok((h, Some(p.parse().map_err(|_| bad())?))),
+        Some(_) => Err(bad()),
+        None => Ok((raw, None)),
+    }
+}
+
+fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        && !h.starts_with(['.', '-'])
+        && !h.split('.').any(str::is_empty)
+}
+
+// =======================================================================================
+// Converter: http server and location blocks
+// =======================================================================================
+
+/// A location's match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LocKind {
+    Prefix(String),
+    Exact(String),
+    Regex(String),
+    Named(String),
+}
+
+fn location_kind(d: &Directive) -> Option<LocKind> {
+    match (d.arg(0), d.arg(1), d.args.len()) {
+        (Some("="), Some(p), 2) => Some(LocKind::Exact(p.to_string())),
+        (Some("^~"), Some(p), 2) => Some(LocKind::Prefix(p.to_string())),
+        (Some("~" | "~*"), Some(p), 2) => Some(LocKind::Regex(p.to_string())),
+        (Some(a), None, 1) => Some(if let Some(p) = a.strip_prefix('=') {
+            LocKind::Exact(p.to_string())
+        } else if let Some(p) = a.strip_prefix("^~") {
+            LocKind::Prefix(p.to_string())
+        } else if let Some(p) = a.strip_prefix("~*").or_else(|| a.strip_prefix('~')) {
+            LocKind::Regex(p.to_string())
+        } else if a.starts_with('@') {
+            LocKind::Named(a.to_string())
+        } else {
+            LocKind::Prefix(a.to_string())
+        }),
+        _ => None,
+    }
+}
+
+impl Cx {
+    fn http_server(&mut self, d: &Directive, http: &Scope) {
+        let block = d.children();
+        let scope = self.scope(block, http, Ctx::Server);
+        let mut server = HttpServer {
+            loc: d.loc(),
+            listens: Vec::new(),
+            names: Vec::new(),
+            routes: Vec::new(),
+            scope: scope.clone(),
+            answers_itself: block.iter().any(|c| c.name == "return"),
+        };
+        for c in block {
+            match c.name.as_str() {
+                "listen" => {
+                    if let Some(l) = self.listen(c, false) {
+                        server.listens.push(l);
+                    }
+                }
+                "server_name" => {
+                    for a in &c.args {
+                        server.names.push((a.value.clone(), c.loc()));
+                    }
+                }
+                "if" => self.if_block(c),
+                "location" => self.location(c, &scope, &mut server.routes, 0),
+                "proxy_pass" => self.unsupported(c, "proxy_pass is only valid inside a location; ignored"),
+                _ => {}
+            }
+        }
+        if server.answers_itself {
+            if !server.routes.is_empty() {
+                self.unsupported(d, "this server block answers every request with `return` before any location: its locations are left out");
+            }
+            server.routes.clear();
+        }
+        self.servers.push(server);
+    }
+
+    /// `listen` in an http or stream server.
+    fn listen(&mut self, d: &Directive, stream: bool) -> Option<ListenSpec> {
+        let Some(raw) = d.arg(0) else {
+            self.unsupported(d, "listen without an address; ignored");
+            return None;
+        };
+        if raw.starts_with("unix:") {
+            self.unsupported(d, format!("{}: unix-socket listeners are not supported; ignored", d.text()));
+            return None;
+        }
+        let addr = match listen_addr(raw) {
+            Ok((a, note)) => {
+                if let Some(n) = note {
+                    self.converted(d, n);
+                }
+                a
+            }
+            Err(why) => {
+                self.unsupported(d, format!("{}: {why}; ignored", d.text()));
+                return None;
+            }
+        };
+        let mut l = ListenSpec { addr, ssl: false, default: false, proxy_protocol: false, loc: d.loc() };
+        let mut options = Vec::new();
+        for a in d.args.iter().skip(1) {
+            let p = a.value.as_str();
+            match p.split_once('=').map_or(p, |(k, _)| k) {
+                "default_server" | "default" if !stream => l.default = true,
+                "ssl" => l.ssl = true,
+                "proxy_protocol" => l.proxy_protocol = true,
+                "http2" if !stream => self.warn(d, "http2: tidegate speaks HTTP/1.1 (ALPN http/1.1); HTTP/2 clients fall back to it"),
+                "quic" | "http3" if !stream => {
+                    self.warn(d, format!("{}: HTTP/3 (QUIC) is not supported; clients fall back to the TCP listener", d.text()));
+                    return None;
+                }
+                "udp" if stream => {
+                    self.unsupported(d, format!("{}: UDP proxying is not supported; ignored", d.text()));
+                    return None;
+                }
+                "ipv6only" => options.push(p.to_string()),
+                _ => options.push(p.to_string()),
+            }
+        }
+        if !options.is_empty() {
+            self.warn(d, format!("listen options not carried over (tidegate sets its own socket options): {}", options.join(" ")));
+        }
+        Some(l)
+    }
+
+    fn if_block(&mut self, d: &Directive) {
+        let changes = d.children().iter().any(|c| {
+            matches!(c.name.as_str(), "return" | "rewrite" | "proxy_pass" | "set" | "try_files" | "break" | "deny" | "allow")
+        });
+        let cond: Vec<&str> = d.args.iter().map(|a| a.value.as_str()).collect();
+        let what = format!("if {}", cond.join(" "));
+        if changes {
+            self.unsupported(d, format!("`{what}` decides per request what happens (return/rewrite/proxy_pass inside); not converted"));
+        } else {
+            self.warn(d, format!("`{what}` not carried over: tidegate has no conditionals"));
+        }
+    }
+
+    /// A `location` (and the ones nested in it): one draft route when it proxies.
+    fn location(&mut self, d: &Directive, parent: &Scope, routes: &mut Vec<DraftRoute>, depth: usize) {
+        if depth > 16 {
+            return;
+        }
+        let Some(kind) = location_kind(d) else {
+            self.unsupported(d, format!("{}: cannot read this location; not converted", d.text()));
+            return;
+        };
+        let block = d.children();
+        let proxy_pass: Vec<&Directive> = block.iter().filter(|c| c.name == "proxy_pass").collect();
+        let proxies = !proxy_pass.is_empty();
+        let label = format!("location {}", d.args.iter().map(|a| a.value.as_str()).collect::<Vec<_>>().join(" "));
+        match &kind {
+            LocKind::Regex(r) => {
+                self.unsupported(d, format!("regex location `{label}` cannot be converted: tidegate routes by plain path prefix (\"{r}\")"));
+                return;
+            }
+            LocKind::Named(n) => {
+                if proxies {
+                    self.warn(d, format!("named location {n} is only reached through try_files/error_page, which tidegate does not have; left out"));
+                }
+                return;
+            }
+            _ => {}
+        }
+        let scope = self.scope(block, parent, Ctx::Location { proxies });
+        for c in block {
+            match c.name.as_str() {
+                "if" => self.if_block(c),
+                "location" => self.location(c, &scope, routes, depth + 1),
+                _ => {}
+            }
+        }
+        let path = match &kind {
+            LocKind::Prefix(p) | LocKind::Exact(p) => p.clone(),
+            _ => String::new(),
+        };
+        if !proxies {
+            let nested_only = block.iter().all(|c| c.name == "location");
+            if !nested_only {
+                let what = if let Some(r) = block.iter().find(|c| c.name == "return") {
+                    format!("answers with `{}`", r.text())
+                } else if let Some(p) = block.iter().find(|c| c.name.ends_with("_pass")) {
+                    format!("uses `{}`", p.text())
+                } else if block.iter().any(|c| c.name.contains("_by_lua") || c.name == "js_content" || c.name == "stub_status") {
+                    "answers requests itself".to_string()
+                } else {
+                    "serves files".to_string()
+                };
+                self.unsupported(
+                    d,
+                    format!("`{label}` does not proxy ({what}): not carried over; tidegate answers 404 for these paths unless another route matches"),
+                );
+            }
+            return;
+        }
+        if proxy_pass.len() > 1 {
+            self.warn(proxy_pass[1], "more than one proxy_pass in this location; the last one is used");
+        }
+        let pp = proxy_pass[proxy_pass.len() - 1];
+        if block.iter().any(|c| c.name == "return") {
+            self.unsupported(d, format!("`{label}` answers with `return` before proxying; left out"));
+            return;
+        }
+        if let Err(why) = check_path(&path) {
+            self.unsupported(d, format!("`{label}`: {why}; left out"));
+            return;
+        }
+        let Some(up) = self.proxy_target(pp, Some(&path), &scope, false) else { return };
+        let ws = self.websocket(&scope, pp);
+        self.header_notes(&scope, up, pp);
+        self.ups[up].uses.push(Use {
+            loc: pp.loc(),
+            ws,
+            stream: false,
+            connect: scope.connect.clone(),
+            read: scope.read.clone(),
+            send: scope.send.clone(),
+            stream_timeout: None,
+            tries: scope.tries.clone(),
+            next_upstream: scope.next_upstream.clone(),
+            send_proxy: None,
+        });
+        let exact = matches!(kind, LocKind::Exact(_));
+        routes.push(DraftRoute {
+            prefix: if path == "/" && !exact { None } else { Some(path) },
+            exact,
+            upstream: up,
+            loc: d.loc(),
+            label,
+        });
+    }
+
+    /// Whether the location carries the WebSocket idiom (`Upgrade $http_upgrade` and
+    /// `Connection upgrade`/`$connection_upgrade`).
+    fn websocket(&mut self, scope: &Scope, pp: &Directive) -> bool {
+        let upgrade = scope.headers.iter().find(|h| h.name == "upgrade" && h.value.contains("$http_upgrade"));
+        let connection = scope.headers.iter().find(|h| {
+            h.name == "connection"
+                && (h.value.eq_ignore_ascii_case("upgrade")
+                    || single_var(&h.value).is_some_and(|v| {
+                        v == "http_connection" || self.maps.iter().any(|m| m.target == v && m.source == "http_upgrade" && !m.stream)
+                    }))
+        });
+        match (upgrade, connection) {
+            (Some(u), Some(_)) => {
+                let loc = u.loc.clone();
+                self.note(
+                    &loc,
+                    Level::Converted,
+                    "WebSocket idiom (Upgrade/Connection headers) recognised: tidegate upgrades by itself when the server answers 101; nothing to emit",
+                );
+                true
+            }
+            (Some(u), None) | (None, Some(u)) => {
+                let loc = u.loc.clone();
+                self.note(&loc, Level::Converted, "half of the WebSocket header idiom; tidegate handles upgrades by itself");
+                let _ = pp;
+                true
+            }
+            (None, None) => false,
+        }
+    }
+
+    /// Notes on the `proxy_set_header`s in force for one proxied location.
+    fn header_notes(&mut self, scope: &Scope, up: usize, pp: &Directive) {
+        let mut host_set = false;
+        for h in scope.headers.clone() {
+            let v = h.value.as_str();
+            let (level, msg) = match h.name.as_str() {
+                "upgrade" | "connection" if v.is_empty() || v.contains('$') || v.eq_ignore_ascii_case("upgrade") => {
+                    if v.is_empty() {
+                        (Level::Converted, "Connection \"\" (upstream keep-alive idiom): tidegate pools connections by itself".to_string())
+                    } else {
+                        continue;
+                    }
+                }
+                "host" => {
+                    host_set = true;
+                    match v {
+                        "$host" | "$http_host" => (Level::Converted, "Host: tidegate passes the client's Host header through".to_string()),
+                        _ => (
+                            Level::Warning,
+                            format!("Host {v:?} not carried over: tidegate passes the client's Host header through unchanged"),
+                        ),
+                    }
+                }
+                "x-forwarded-for" if v == "$proxy_add_x_forwarded_for" || v == "$remote_addr" => (
+                    Level::Converted,
+                    "X-Forwarded-For: tidegate sets it (appending only for peers in trusted_proxies, where nginx's $proxy_add_x_forwarded_for appends for anyone)".to_string(),
+                ),
+                "x-forwarded-proto" if v == "$scheme" => (Level::Converted, "X-Forwarded-Proto: tidegate sets it".to_string()),
+                "x-forwarded-host" if v == "$host" || v == "$http_host" => {
+                    (Level::Converted, "X-Forwarded-Host: tidegate sets it".to_string())
+                }
+                "x-real-ip" => (
+                    Level::Warning,
+                    "X-Real-IP is not set by tidegate; servers can read the client address from X-Forwarded-For".to_string(),
+                ),
+                _ => (Level::Warning, format!("header {} {v:?} not set: tidegate does not add request headers", h.name)),
+            };
+            self.note(&h.loc, level, msg);
+        }
+        if !host_set && !self.ups[up].host_warned && !self.ups[up].stream {
+            self.ups[up].host_warned = true;
+            let name = self.ups[up].label.clone();
+            self.warn(
+                pp,
+                format!("no `proxy_set_header Host`: nginx sent its proxy host ({name}) as Host; tidegate passes the client's Host header through"),
+            );
+        }
+    }
+
+    /// The upstream a `proxy_pass` names (an upstream, or an address made into a
+    /// one-server upstream). `location`: the location's path, to check a URI part.
+    fn proxy_target(&mut self, pp: &Directive, location: Option<&str>, scope: &Scope, stream: bool) -> Option<usize> {
+        let Some(url) = pp.arg(0).filter(|_| pp.args.len() == 1) else {
+            self.unsupported(pp, format!("{}: expected one URL; left out", pp.text()));
+            return None;
+        };
+        if has_vars(url) {
+            self.unsupported(pp, format!("{}: the target is computed per request (variables); left out", pp.text()));
+            return None;
+        }
+        let (tls, rest) = if stream {
+            (false, url)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            self.unsupported(pp, format!("{}: expected an http:// or https:// URL; left out", pp.text()));
+            return None;
+        };
+        if rest.starts_with("unix:") {
+            self.unsupported(pp, format!("{}: unix sockets are not supported; left out", pp.text()));
+            return None;
+        }
+        let (authority, uri) = match rest.find('/') {
+            Some(i) if !stream => (&rest[..i], Some(&rest[i..])),
+            _ => (rest, None),
+        };
+        if let (Some(uri), Some(path)) = (uri, location)
+            && uri != path
+        {
+            self.unsupported(
+                pp,
+                format!("{}: the URI part \"{uri}\" replaces the location's \"{path}\" in the forwarded path; tidegate forwards the path unchanged; left out", pp.text()),
+            );
+            return None;
+        }
+        let names = if stream { &self.stream_names } else { &self.http_names };
+        let up = if let Some(&i) = names.get(authority) {
+            Some(i)
+        } else {
+            match server_addr(authority, if stream { None } else { Some(if tls { 443 } else { 80 }) }) {
+                Ok((addr, _)) => Some(self.address_upstream(addr, authority, pp, stream, tls)),
+                Err(why) => {
+                    self.unsupported(pp, format!("{}: {why}; left out", pp.text()));
+                    None
+                }
+            }
+        }?;
+        if let Some(why) = self.ups[up].dead.clone() {
+            let name = self.ups[up].name.clone();
+            self.unsupported(pp, format!("{}: upstream \"{name}\" could not be converted ({why}); left out", pp.text()));
+            return None;
+        }
+        if tls {
+            self.upstream_tls(up, authority, scope, pp);
+        } else if self.ups[up].tls.is_some() {
+            self.unsupported(pp, format!("{}: upstream \"{}\" is also used with https://; tidegate uses TLS for all of it", pp.text(), self.ups[up].name));
+        }
+        Some(up)
+    }
+
+    /// `proxy_pass http://10.0.0.5:8080`: a one-server upstream, shared by every location
+    /// naming the same address.
+    fn address_upstream(&mut self, addr: String, authority: &str, pp: &Directive, stream: bool, tls: bool) -> usize {
+        if let Some(&i) = self.addr_ups.get(&(stream, addr.clone(), tls)) {
+            return i;
+        }
+        let name = self.claim_name(&addr.replace(['[', ']'], "").replace(':', "-"));
+        let label = format!("proxy_pass {}", pp.arg(0).unwrap_or_default());
+        let i = self.new_up(name.clone(), label, pp.loc(), stream);
+        let non_canonical = authority.parse::<SocketAddr>().is_err();
+        if authority.parse::<SocketAddr>().is_err() && !authority.trim_start_matches('[').starts_with(|c: char| c.is_ascii_digit() || c == ':') {
+            self.converted(pp, format!("\"{authority}\" is resolved once when tidegate loads the config (nginx resolved it at startup too)"));
+        }
+        self.ups[i].servers.push(Srv {
+            addr: addr.clone(),
+            weight: 1,
+            max_fails: None,
+            fail_timeout: None,
+            backup: false,
+            down: false,
+            max_conns: None,
+            loc: pp.loc(),
+            non_canonical,
+        });
+        self.converted(pp, format!("-> one-server upstream \"{name}\""));
+        self.addr_ups.insert((stream, addr, tls), i);
+        i
+    }
+
+    fn upstream_tls(&mut self, up: usize, authority: &str, scope: &Scope, pp: &Directive) {
+        let verify = scope.ssl_verify.as_ref().is_some_and(|v| v.0);
+        let ca = scope.ssl_trusted.as_ref().map(|(p, _)| self.path_text(p));
+        let host = split_host_port(authority).map(|(h, _)| h.to_string()).unwrap_or_default();
+        let sni = match &scope.ssl_name {
+            Some((n, _)) if !has_vars(n) && is_hostname(n) && n.parse::<IpAddr>().is_err() => Some(n.clone()),
+            _ if scope.ssl_server_name && is_hostname(&host) && host.parse::<IpAddr>().is_err() && !self.http_names.contains_key(&host) => {
+                Some(host)
+            }
+            _ => None,
+        };
+        if self.ups[up].tls.is_none() {
+            if !verify {
+                self.warn(
+                    pp,
+                    "https:// upstream: nginx does not verify server certificates without `proxy_ssl_verify on`; kept as verify = false (tidegate warns at every load); set verify = true (and ca) to check them",
+                );
+            } else {
+                self.converted(pp, "-> [upstream.tls] with certificate verification");
+            }
+            self.ups[up].tls = Some(UpTls { verify, ca, sni, loc: pp.loc() });
+        }
+    }
+
+    /// A path from the nginx config, as written into the TOML: relative paths are resolved
+    /// against nginx's conf prefix (the main file's directory).
+    fn path_text(&self, p: &str) -> String {
+        let path = Path::new(p);
+        let full = if path.is_absolute() { path.to_path_buf() } else { self.prefix.join(path) };
+        full.to_string_lossy().into_owned()
+    }
+}
+
+/// `location` paths tidegate can use as `path_prefix`.
+fn check_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("path \"{p}\" does not start with \"/\""));
+    }
+    if p.chars().any(|c| c.is_whitespace() || c.is_control()) || p.contains(['?', '#']) {
+        return Err(format!("path \"{p}\" holds spaces, '?' or '#', which a path_prefix cannot"));
+    }
+    Ok(())
+}
+
+/// A `listen` address: `80`, `*:80`, `127.0.0.1`, `127.0.0.1:8080`, `[::]:80`,
+/// `localhost:8080`; with a note when something was assumed.
+fn listen_addr(raw: &str) -> Result<(SocketAddr, Option<String>), String> {
+    if let Ok(port) = raw.parse::<u16>() {
+        return Ok((SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), None));
+    }
+    if let Some(p) = raw.strip_prefix("*:") {
+        let port = p.parse::<u16>().map_err(|_| format!("invalid port in \"{raw}\""))?;
+        return Ok((SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), None));
+    }
+    if let Ok(sa) = raw.parse::<SocketAddr>() {
+        return Ok((sa, None));
+    }
+    let (host, port) = split_host_port(raw)?;
+    let port = port.unwrap_or(80);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((SocketAddr::new(ip, port), None));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok((SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Some(format!("listen {raw} -> bind 127.0.0.1:{port} (tidegate binds IP addresses)"))));
+    }
+    Err(format!("tidegate binds IP addresses, not the host name \"{host}\""))
+}
+
+// =======================================================================================
+// Converter: stream servers
+// =======================================================================================
+
+impl Cx {
+    fn stream_server(&mut self, d: &Directive, stream: &Scope) {
+        let block = d.children();
+        let scope = self.scope(block, stream, Ctx::StreamServer);
+        let listens: Vec<ListenSpec> = block.iter().filter(|c| c.name == "listen").filter_map(|c| self.listen(c, true)).collect();
+        let pp: Vec<&Directive> = block.iter().filter(|c| c.name == "proxy_pass").collect();
+        let Some(&pp) = pp.last() else {
+            self.unsupported(d, "stream server without proxy_pass (it answers itself, e.g. `return`); not converted");
+            return;
+        };
+        if listens.is_empty() {
+            self.unsupported(d, "stream server without a listen address; not converted");
+            return;
+        }
+        let target = pp.arg(0).unwrap_or_default();
+        let mut routes = Vec::new();
+        let mut upstream = None;
+        let mut mode = "tcp";
+        if let Some(var) = single_var(target) {
+            let Some(m) = self.map_for(&var, true).cloned() else {
+                self.unsupported(pp, format!("{}: the target is computed per connection from ${var}; not converted", pp.text()));
+                return;
+            };
+            if m.source != "ssl_preread_server_name" {
+                self.unsupported(pp, format!("{}: ${var} maps ${}; only a map of $ssl_preread_server_name (SNI) converts", pp.text(), m.source));
+                return;
+            }
+            if !scope.ssl_preread {
+                self.warn(pp, "the map reads $ssl_preread_server_name but `ssl_preread on` is missing here; converted as SNI routing anyway");
+            }
+            mode = "tls_passthrough";
+            routes = self.sni_routes(&m, &scope);
+            if routes.is_empty() {
+                self.unsupported(d, "no SNI route could be converted; listener left out");
+                return;
+            }
+        } else {
+            let Some(up) = self.proxy_target(pp, None, &scope, true) else { return };
+            self.stream_use(up, &scope, pp);
+            if scope.ssl_preread {
+                self.converted(pp, "ssl_preread with a fixed target: a plain tcp listener (TLS passes through untouched)");
+            }
+            upstream = Some(up);
+        }
+        let ssl = listens.iter().any(|l| l.ssl);
+        if ssl && mode == "tls_passthrough" {
+            self.unsupported(d, "`listen ... ssl` with SNI routing: tidegate either terminates TLS (tcp) or routes it untouched (tls_passthrough); listener left out");
+            return;
+        }
+        let certs = if ssl { self.certificates(&[&scope], 0, d) } else { Vec::new() };
+        if ssl && certs.is_empty() {
+            self.unsupported(d, "`listen ... ssl` without a usable ssl_certificate/ssl_certificate_key pair; listener left out");
+            return;
+        }
+        let min_version = if ssl { self.min_version(&scope) } else { None };
+        let accept_proxy = listens.iter().find(|l| l.proxy_protocol).map(|l| l.loc.clone());
+        let (trusted, trusted_comment) = self.trusted(&[&scope], accept_proxy.as_ref());
+        for l in listens {
+            let wildcard = l.addr.ip().is_unspecified();
+            let base = if mode == "tls_passthrough" { "tls" } else if ssl { "tcps" } else { "tcp" };
+            let name = if wildcard && l.addr.is_ipv4() {
+                format!("{base}-{}", l.addr.port())
+            } else {
+                format!("{base}-{}-{}", l.addr.ip(), l.addr.port())
+            };
+            let comment = format!("{} (stream server), {}", self.at(&d.loc()), self.at(&l.loc));
+            self.listeners.push(OutListener {
+                name,
+                bind: l.addr.to_string(),
+                mode,
+                comment,
+                upstream,
+                accept_proxy: accept_proxy.clone(),
+                trusted: trusted.clone(),
+                trusted_comment: trusted_comment.clone(),
+                keepalive_idle: None,
+                header_read: None,
+                certs: certs.clone(),
+                min_version: min_version.clone(),
+                no_alpn: ssl,
+                routes: routes.clone(),
+                order: (l.loc.file.clone(), l.loc.line),
+            });
+        }
+    }
+
+    fn stream_use(&mut self, up: usize, scope: &Scope, pp: &Directive) {
+        self.ups[up].uses.push(Use {
+            loc: pp.loc(),
+            ws: false,
+            stream: true,
+            connect: scope.connect.clone(),
+            read: None,
+            send: None,
+            stream_timeout: scope.stream_timeout.clone(),
+            tries: scope.tries.clone(),
+            next_upstream: None,
+            send_proxy: scope.send_proxy.clone(),
+        });
+        if let Some(l) = &scope.proxy_ssl
+            && self.ups[up].tls.is_none()
+        {
+            let verify = scope.ssl_verify.as_ref().is_some_and(|v| v.0);
+            let ca = scope.ssl_trusted.as_ref().map(|(p, _)| self.path_text(p));
+            let sni = scope.ssl_name.as_ref().filter(|(n, _)| !has_vars(n) && is_hostname(n)).map(|(n, _)| n.clone());
+            self.ups[up].tls = Some(UpTls { verify, ca, sni, loc: l.clone() });
+            if !verify {
+                self.note(l, Level::Warning, "proxy_ssl: nginx does not verify server certificates without `proxy_ssl_verify on`; kept as verify = false");
+            }
+        }
+    }
+
+    /// `map $ssl_preread_server_name $x { ... }` as SNI routes, in nginx's precedence:
+    /// exact names, then wildcards (longest first), then the default.
+    fn sni_routes(&mut self, m: &MapDef, scope: &Scope) -> Vec<OutRoute> {
+        let mut exact = Vec::new();
+        let mut wild = Vec::new();
+        for (key, value, loc) in &m.entries {
+            let key = key.to_ascii_lowercase();
+            let patterns: Vec<(bool, String)> = if key.starts_with('~') {
+                self.note(loc, Level::Unsupported, format!("regex SNI key \"{key}\" cannot be converted; tidegate matches exact names and *.wildcards"));
+                continue;
+            } else if m.hostnames && let Some(rest) = key.strip_prefix("*.") {
+                vec![(true, format!("*.{rest}"))]
+            } else if m.hostnames && let Some(rest) = key.strip_prefix('.') {
+                vec![(false, rest.to_string()), (true, format!("*.{rest}"))]
+            } else if m.hostnames && key.ends_with(".*") {
+                self.note(loc, Level::Unsupported, format!("SNI key \"{key}\" (wildcard at the end) cannot be converted"));
+                continue;
+            } else {
+                vec![(false, key.clone())]
+            };
+            let Some(up) = self.map_target(value, loc, scope) else { continue };
+            for (is_wild, p) in patterns {
+                if !is_hostname(p.trim_start_matches("*.")) {
+                    self.note(loc, Level::Unsupported, format!("SNI key \"{p}\" is not a host name tidegate can match"));
+                    continue;
+                }
+                if is_wild {
+                    self.note(loc, Level::Warning, format!("\"{p}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"));
+                }
+                let route = OutRoute { host: None, sni: Some(p.clone()), prefix: None, upstream: up, comment: format!("{} map {p}", self.at(loc)) };
+                if is_wild { wild.push((p.len(), route)) } else { exact.push(route) }
+            }
+        }
+        wild.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        let mut out = exact;
+        out.extend(wild.into_iter().map(|(_, r)| r));
+        if let Some((value, loc)) = m.default.clone() {
+            if let Some(up) = self.map_target(&value, &loc, scope) {
+                out.push(OutRoute { host: None, sni: None, prefix: None, upstream: up, comment: format!("{} map default", self.at(&loc)) });
+            }
+        } else {
+            let loc = m.loc.clone();
+            self.note(&loc, Level::Converted, "no map default: a ClientHello matching no name (or without SNI) is refused, as nginx fails to proxy an empty target");
+        }
+        out
+    }
+
+    /// A map value naming a stream upstream or an address.
+    fn map_target(&mut self, value: &str, loc: &Loc, scope: &Scope) -> Option<usize> {
+        let pp = Directive {
+            name: "proxy_pass".into(),
+            args: vec![Arg { value: value.to_string(), quoted: false, line: loc.line }],
+            file: loc.file.clone(),
+            line: loc.line,
+            block: None,
+        };
+        let up = self.proxy_target(&pp, None, scope, true)?;
+        self.stream_use(up, scope, &pp);
+        Some(up)
+    }
+}
+
+// =======================================================================================
+// Converter: http listeners from server blocks
+// =======================================================================================
+
+/// A host pattern from `server_name`: (is wildcard, tidegate host text).
+fn host_patterns(name: &str) -> Result<Vec<(bool, String)>, String> {
+    let n = name.to_ascii_lowercase();
+    if n.is_empty() || n == "_" {
+        return Ok(Vec::new());
+    }
+    if n.starts_with('~') {
+        return Err(format!("regex server_name \"{name}\" cannot be converted; tidegate matches exact names and *.wildcards"));
+    }
+    if n.starts_with('$') {
+        return Err(format!("server_name \"{name}\" (a variable) cannot be converted"));
+    }
+    let out = if let Some(rest) = n.strip_prefix("*.") {
+        vec![(true, format!("*.{rest}"))]
+    } else if let Some(rest) = n.strip_prefix('.') {
+        vec![(false, rest.to_string()), (true, format!("*.{rest}"))]
+    } else if n.ends_with(".*") {
+        return Err(format!("server_name \"{name}\" (wildcard at the end) cannot be converted"));
+    } else {
+        vec![(false, n.trim_end_matches('.').to_string())]
+    };
+    for (_, h) in &out {
+        if !is_hostname(h.trim_start_matches("*.")) {
+            return Err(format!("server_name \"{name}\" is not a host name tidegate can match"));
+        }
+    }
+    Ok(out)
+}
+
+impl Cx {
+    fn build_http_listeners(&mut self) {
+        let servers = std::mem::take(&mut self.servers);
+        // (address, server index, listen spec) for every listen of every server.
+        let mut entries: Vec<(SocketAddr, usize, ListenSpec)> = Vec::new();
+        for (si, s) in servers.iter().enumerate() {
+            if s.listens.is_empty() {
+                let l = ListenSpec {
+                    addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 80)),
+                    ssl: false,
+                    default: false,
+                    proxy_protocol: false,
+                    loc: s.loc.clone(),
+                };
+                self.note(&s.loc, Level::Converted, "server block without listen: nginx's default *:80");
+                entries.push((l.addr, si, l));
+            } else {
+                for l in &s.listens {
+                    entries.push((l.addr, si, l.clone()));
+                }
+            }
+        }
+        // Canonical addresses: a port with both 0.0.0.0 and [::] becomes one dual-stack [::]
+        // listener; a specific address next to a wildcard of its family joins the wildcard.
+        let all: Vec<SocketAddr> = entries.iter().map(|e| e.0).collect();
+        let has = |ip: IpAddr, port: u16| all.iter().any(|a| a.ip() == ip && a.port() == port);
+        let mut canon: Vec<SocketAddr> = Vec::new();
+        for (addr, _, l) in &entries {
+            let port = addr.port();
+            let v4any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+            let v6any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+            let c = if addr.ip().is_unspecified() && has(v4any, port) && has(v6any, port) {
+                let loc = l.loc.clone();
+                self.note(&loc, Level::Warning, format!("`listen {port}` and `listen [::]:{port}` become one listener on [::]:{port}, which takes IPv4 too on Linux (net.ipv6.bindv6only=0)"));
+                SocketAddr::new(v6any, port)
+            } else if !addr.ip().is_unspecified() && addr.is_ipv4() && has(v4any, port) {
+                let loc = l.loc.clone();
+                self.note(&loc, Level::Warning, format!("{addr} shares port {port} with a wildcard listen: tidegate cannot route by local address, so its server blocks join the wildcard listener"));
+                if has(v6any, port) { SocketAddr::new(v6any, port) } else { SocketAddr::new(v4any, port) }
+            } else if !addr.ip().is_unspecified() && addr.is_ipv6() && has(v6any, port) {
+                let loc = l.loc.clone();
+                self.note(&loc, Level::Warning, format!("{addr} shares port {port} with a wildcard listen: tidegate cannot route by local address, so its server blocks join the wildcard listener"));
+                SocketAddr::new(v6any, port)
+            } else {
+                *addr
+            };
+            canon.push(c);
+        }
+        let mut order: Vec<SocketAddr> = Vec::new();
+        for c in &canon {
+            if !order.contains(c) {
+                order.push(*c);
+            }
+        }
+        for addr in order {
+            let group: Vec<(usize, &ListenSpec)> =
+                entries.iter().zip(&canon).filter(|(_, c)| **c == addr).map(|((_, si, l), _)| (*si, l)).collect();
+            self.http_listener(addr, &group, &servers);
+        }
+    }
+
+    fn http_listener(&mut self, addr: SocketAddr, group: &[(usize, &ListenSpec)], servers: &[HttpServer]) {
+        let mut members: Vec<usize> = Vec::new();
+        for (si, _) in group {
+            if !members.contains(si) {
+                members.push(*si);
+            }
+        }
+        let default = group.iter().find(|(_, l)| l.default).map_or(members[0], |(si, _)| *si);
+        let ssl = group.iter().any(|(_, l)| l.ssl) || members.iter().any(|&si| servers[si].scope.ssl_on);
+        let first = group[0].1.loc.clone();
+        let accept_proxy = group.iter().find(|(_, l)| l.proxy_protocol).map(|(_, l)| l.loc.clone());
+        let scheme = if ssl { "https" } else { "http" };
+        let name = if addr.ip().is_unspecified() { format!("{scheme}-{}", addr.port()) } else { format!("{scheme}-{}-{}", addr.ip(), addr.port()) };
+        let comment = members.iter().map(|&si| format!("{} (server)", self.at(&servers[si].loc))).collect::<Vec<_>>().join(", ");
+
+        // Host routes of every server, exact names first, then wildcards longest first.
+        let any_other_wildcard = members
+            .iter()
+            .filter(|&&si| si != default)
+            .any(|&si| servers[si].names.iter().any(|(n, _)| n.starts_with('*') || n.starts_with('.')));
+        let mut exact: Vec<OutRoute> = Vec::new();
+        let mut wild: Vec<(usize, OutRoute)> = Vec::new();
+        for &si in &members {
+            let s = &servers[si];
+            let routes = self.server_routes(s);
+            if si == default && !any_other_wildcard {
+                continue; // the catch-all below covers its names
+            }
+            let mut reachable = si == default;
+            for (name, loc) in &s.names {
+                let patterns = match host_patterns(name) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        let loc = loc.clone();
+                        self.note(&loc, Level::Unsupported, why);
+                        continue;
+                    }
+                };
+                for (is_wild, host) in patterns {
+                    reachable = true;
+                    if is_wild {
+                        let loc = loc.clone();
+                        self.note(&loc, Level::Warning, format!("\"{host}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"));
+                    }
+                    for r in &routes {
+                        let route = OutRoute {
+                            host: Some(host.clone()),
+                            sni: None,
+                            prefix: r.prefix.clone(),
+                            upstream: r.upstream,
+                            comment: format!("{} server_name {host}; {} {}", self.at(loc), self.at(&r.loc), r.label),
+                        };
+                        if is_wild { wild.push((host.len(), route)) } else { exact.push(route) }
+                    }
+                }
+            }
+            if !reachable && !routes.is_empty() {
+                let loc = s.loc.clone();
+                self.note(&loc, Level::Warning, format!("server block on {addr} has no usable server_name and is not the default server: nginx never picks it; left out"));
+            }
+            if si != default && !routes.is_empty() && !routes.iter().any(|r| r.prefix.is_none()) {
+                let loc = s.loc.clone();
+                self.note(&loc, Level::Warning, "this server has no `location /`: its other paths fall through to the default server's routes in tidegate, where nginx answered them from this server (404)");
+            }
+        }
+        wild.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        let mut routes = exact;
+        routes.extend(wild.into_iter().map(|(_, r)| r));
+        for r in self.server_routes(&servers[default]) {
+            routes.push(OutRoute {
+                host: None,
+                sni: None,
+                prefix: r.prefix.clone(),
+                upstream: r.upstream,
+                comment: format!("{} default server; {} {}", self.at(&servers[default].loc), self.at(&r.loc), r.label),
+            });
+        }
+        if routes.is_empty() {
+            self.note(&first, Level::Unsupported, format!("no listener on {addr}: none of its server blocks proxies anything tidegate can route"));
+            return;
+        }
+        let scopes: Vec<&Scope> = members.iter().map(|&si| &servers[si].scope).collect();
+        let default_pos = members.iter().position(|&si| si == default).unwrap_or(0);
+        let certs = if ssl { self.certificates(&scopes, default_pos, &Directive { name: "server".into(), args: Vec::new(), file: first.file.clone(), line: first.line, block: None }) } else { Vec::new() };
+        if ssl && certs.is_empty() {
+            self.note(&first, Level::Unsupported, format!("TLS listener {addr} has no usable ssl_certificate/ssl_certificate_key; left out"));
+            return;
+        }
+        let dscope = &servers[default].scope;
+        let min_version = if ssl { self.min_version(dscope) } else { None };
+        let (trusted, trusted_comment) = self.trusted(&scopes, accept_proxy.as_ref());
+        let keepalive_idle = match dscope.keepalive_timeout.clone() {
+            Some((0, loc)) => {
+                self.note(&loc, Level::Warning, "keepalive_timeout 0 (no client keep-alive) is not supported; tidegate's default 60s applies");
+                None
+            }
+            other => other,
+        };
+        let header_read = dscope.header_timeout.clone().filter(|(ms, _)| *ms > 0);
+        self.listeners.push(OutListener {
+            name,
+            bind: addr.to_string(),
+            mode: "http",
+            comment,
+            upstream: None,
+            accept_proxy,
+            trusted,
+            trusted_comment,
+            keepalive_idle,
+            header_read,
+            certs,
+            min_version,
+            no_alpn: false,
+            routes,
+            order: (first.file.clone(), first.line),
+        });
+    }
+
+    /// A server's proxying locations in nginx's precedence: longest prefix first (an exact
+    /// match first among equals); an exact match another route would shadow is left out.
+    fn server_routes(&mut self, s: &HttpServer) -> Vec<DraftRoute> {
+        let mut out: Vec<DraftRoute> = Vec::new();
+        for r in &s.routes {
+            if r.exact {
+                let p = r.prefix.clone().unwrap_or_default();
+                let shadowed = s.routes.iter().any(|o| !std::ptr::eq(o, r) && o.prefix.as_deref().unwrap_or("/").starts_with(&p));
+                if shadowed {
+                    let loc = r.loc.clone();
+                    self.note(&loc, Level::Unsupported, format!("`{}` is an exact match; as a tidegate path_prefix it would also take paths of other locations starting with \"{p}\"; left out", r.label));
+                    continue;
+                }
+                let loc = r.loc.clone();
+                self.note(&loc, Level::Warning, format!("`{}` is an exact match; tidegate routes every path starting with \"{p}\" there", r.label));
+            }
+            out.push(r.clone());
+        }
+        out.sort_by_key(|r| (std::cmp::Reverse(r.prefix.as_ref().map_or(0, String::len)), !r.exact));
+        out
+    }
+
+    /// Certificates of the servers on one TLS listener; the default server's first is the
+    /// default certificate.
+    fn certificates(&mut self, scopes: &[&Scope], default_pos: usize, at: &Directive) -> Vec<(String, String, bool, Loc)> {
+        let mut out: Vec<(String, String, bool, Loc)> = Vec::new();
+        for (pos, s) in scopes.iter().enumerate() {
+            if s.certs.len() != s.keys.len() {
+                let loc = s.certs.first().or(s.keys.first()).map_or_else(|| at.loc(), |(_, l)| l.clone());
+                self.note(&loc, Level::Unsupported, "ssl_certificate and ssl_certificate_key do not pair up; these certificates are left out");
+                continue;
+            }
+            for (i, ((cert, loc), (key, kloc))) in s.certs.iter().zip(&s.keys).enumerate() {
+                if has_vars(cert) || has_vars(key) || cert.starts_with("data:") || key.starts_with("data:") || key.starts_with("engine:") {
+                    self.note(loc, Level::Unsupported, format!("certificate \"{cert}\" / key \"{key}\": variables, data: and engine: are not supported; left out"));
+                    continue;
+                }
+                let (cert, key) = (self.path_text(cert), self.path_text(key));
+                if out.iter().any(|(c, _, _, _)| *c == cert) {
+                    continue;
+                }
+                let _ = kloc;
+                out.push((cert, key, pos == default_pos && i == 0, loc.clone()));
+            }
+        }
+        if !out.is_empty() && !out.iter().any(|c| c.2) {
+            out[0].2 = true;
+        }
+        out
+    }
+
+    fn min_version(&mut self, s: &Scope) -> Val<&'static str> {
+        let (list, loc) = s.protocols.clone()?;
+        let has = |v: &str| list.iter().any(|p| p == v);
+        let old: Vec<&String> = list.iter().filter(|p| matches!(p.as_str(), "SSLv2" | "SSLv3" | "TLSv1" | "TLSv1.1")).collect();
+        if !old.is_empty() {
+            let old: Vec<&str> = old.iter().map(|s| s.as_str()).collect();
+            self.note(&loc, Level::Warning, format!("{} not supported: tidegate speaks TLS 1.2 and 1.3 only", old.join(", ")));
+        }
+        if has("TLSv1.2") || !has("TLSv1.3") {
+            Some(("1.2", loc))
+        } else {
+            Some(("1.3", loc))
+        }
+    }
+
+    /// `trusted_proxies` from `set_real_ip_from` (and, with `accept_proxy`, everyone when
+    /// nginx named nobody, as nginx accepts PROXY headers from any peer).
+    fn trusted(&mut self, scopes: &[&Scope], accept_proxy: Option<&Loc>) -> (Vec<String>, String) {
+        let mut out: Vec<String> = Vec::new();
+        let mut locs: Vec<String> = Vec::new();
+        for s in scopes {
+            for (v, loc) in &s.real_ip_from {
+                if v.parse::<Cidr>().is_err() {
+                    self.note(loc, Level::Warning, format!("set_real_ip_from {v}: not an IP or CIDR tidegate understands; left out"));
+                    continue;
+                }
+                if !out.contains(v) {
+                    out.push(v.clone());
+                    let at = self.at(loc);
+                    if !locs.contains(&at) {
+                        locs.push(at);
+                    }
+                }
+            }
+            if let Some((h, loc)) = &s.real_ip_header
+                && !h.eq_ignore_ascii_case("x-forwarded-for")
+                && !h.eq_ignore_ascii_case("proxy_protocol")
+            {
+                self.note(loc, Level::Warning, format!("real_ip_header {h}: tidegate reads the client address from X-Forwarded-For (or the PROXY header)"));
+            }
+        }
+        if let Some(loc) = accept_proxy
+            && out.is_empty()
+        {
+            self.note(loc, Level::Warning, "proxy_protocol: nginx accepted PROXY headers from any peer; tidegate needs trusted_proxies, so 0.0.0.0/0 and ::/0 are written: narrow them to your balancers");
+            return (vec!["0.0.0.0/0".into(), "::/0".into()], format!("{} listen ... proxy_protocol", self.at(loc)));
+        }
+        let comment = if locs.is_empty() { String::new() } else { format!("{} set_real_ip_from", locs.join(", ")) };
+        (out, comment)
+    }
+}
