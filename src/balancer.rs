@@ -309,14 +309,25 @@ fn lighter(backends: &[Backend], a: usize, b: usize, now: u64) -> bool {
 
 fn least_loaded(members: &[u32], start: usize, backends: &[Backend], cx: &PickCtx<'_>, out: &mut Outcome) -> Option<usize> {
     let n = members.len();
-    let mut best: Option<usize> = None;
-    for k in 0..n {
-        let i = members[(start + k) % n] as usize;
-        if out.check(backends, i, cx) && best.is_none_or(|b| lighter(backends, i, b, cx.now_ms)) {
-            best = Some(i);
+    // (index, load, weight) of the lightest so far; each server's load is read once.
+    let mut best: Option<(usize, u64, u64)> = None;
+    let (mut k, mut i) = (0, start % n.max(1));
+    while k < n {
+        let idx = members[i] as usize;
+        if out.check(backends, idx, cx) {
+            let b = &backends[idx];
+            let (load, weight) = (u64::from(b.state.load(cx.now_ms)), u64::from(b.cfg.weight.get()));
+            if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
+                best = Some((idx, load, weight));
+            }
+        }
+        k += 1;
+        i += 1;
+        if i == n {
+            i = 0;
         }
     }
-    best
+    best.map(|(idx, _, _)| idx)
 }
 
 // ---------------------------------------------------------------------------------------

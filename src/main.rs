@@ -46,6 +46,19 @@ enum Command {
         #[arg(short, long, default_value = "conf/demo.toml")]
         config: PathBuf,
     },
+    /// Convert an nginx config (includes followed) to tidegate TOML; what cannot be carried
+    /// over is printed to stderr. Exit 0 when everything affecting routing or balancing was
+    /// converted, else 1 (and nothing is written unless --lenient).
+    ImportNginx {
+        /// The nginx config file, e.g. /etc/nginx/nginx.conf.
+        file: PathBuf,
+        /// Write the TOML here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Write the TOML even when some routing or balancing could not be converted (the exit status stays 1).
+        #[arg(long)]
+        lenient: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +68,7 @@ fn main() -> ExitCode {
         Command::Run { config } => with_runtime(run(config)),
         Command::Reload { config } => reload(&config),
         Command::Demo { config } => with_runtime(demo(config)),
+        Command::ImportNginx { file, output, lenient } => import_nginx(&file, output.as_deref(), lenient),
     }
 }
 
@@ -91,6 +105,59 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
+    }
+}
+
+/// `import-nginx`: converts, reports to stderr, validates the result like `check`, writes it.
+fn import_nginx(file: &std::path::Path, output: Option<&std::path::Path>, lenient: bool) -> ExitCode {
+    let import = match tidegate::config::nginx::import(file) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprint!("{}", import.report());
+    // Relative paths in the output resolve against the output file's directory.
+    let check_path = output.map_or_else(|| std::path::PathBuf::from("tidegate.toml"), std::path::Path::to_path_buf);
+    let valid = match tidegate::config::load_str(&import.toml, &check_path) {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            true
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("the converted configuration does not pass `tidegate check` ({} problem(s))", errors.0.len());
+            false
+        }
+    };
+    let complete = import.complete() && valid;
+    if !complete && !lenient {
+        eprintln!(
+            "{}: not everything that affects routing or balancing could be converted; nothing written (use --lenient to write it anyway)",
+            file.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let written = match output {
+        Some(path) => std::fs::write(path, &import.toml).map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(import.toml.as_bytes()).map_err(|e| format!("cannot write to stdout: {e}"))
+        }
+    };
+    if let Err(e) = written {
+        eprintln!("{e}");
+        return ExitCode::FAILURE;
+    }
+    if complete {
+        eprintln!("{}: converted", file.display());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{}: written with the problems above (--lenient)", file.display());
+        ExitCode::FAILURE
     }
 }
 

@@ -5,6 +5,7 @@
 mod cidr;
 mod duration;
 mod file;
+pub mod nginx;
 mod summary;
 mod validate;
 

@@ -588,10 +588,8 @@ fn parse_file(text: &str, path: &Path, mut includes: Option<&mut Includes<'_>>, 
             }
             Token::Close(line) => {
                 if let Some(first) = words.first() {
-                    return Err(lex.err(
-                        line,
-                        format!("unexpected \"}}\": missing \";\" after directive \"{}\" (line {})", first.value, first.line),
-                    ));
+                    return Err(lex
+                        .err(line, format!("unexpected \"}}\": missing \";\" after directive \"{}\" (line {})", first.value, first.line)));
                 }
                 let Some((mut d, children)) = stack.pop() else {
                     return Err(lex.err(line, "unexpected \"}\": no block is open"));
@@ -641,7 +639,9 @@ impl Includes<'_> {
             return Err(here("invalid number of arguments in \"include\": expected one file name or pattern".into()));
         };
         if depth >= MAX_INCLUDE_DEPTH {
-            return Err(here(format!("include \"{pattern}\": includes nested more than {MAX_INCLUDE_DEPTH} deep (does a file include itself?)")));
+            return Err(here(format!(
+                "include \"{pattern}\": includes nested more than {MAX_INCLUDE_DEPTH} deep (does a file include itself?)"
+            )));
         }
         if pattern.is_empty() {
             return Err(here("include: empty file name".into()));
@@ -742,8 +742,9 @@ fn glob(fs: &dyn Fs, pattern: &Path) -> io::Result<Vec<PathBuf>> {
         };
         let name = name.to_string_lossy();
         if !name.contains(['*', '?', '[']) {
-            for (b, _) in &mut bases {
+            for (b, is_dir) in &mut bases {
                 b.push(name.as_ref());
+                *is_dir = false; // unknown; a literal last component is checked below
             }
             continue;
         }
@@ -1075,6 +1076,8 @@ struct Scope {
     ssl_on: bool,
     keepalive_timeout: Val<u64>,
     header_timeout: Val<u64>,
+    body_timeout: Val<u64>,
+    underscores: Val<bool>,
     real_ip_from: Vec<(String, Loc)>,
     real_ip_header: Val<String>,
     ssl_verify: Val<bool>,
@@ -1240,6 +1243,8 @@ struct OutRoute {
 
 #[derive(Debug, Clone)]
 struct OutListener {
+    /// The first `listen` (for notes).
+    loc: Loc,
     name: String,
     bind: String,
     mode: &'static str,
@@ -1251,11 +1256,12 @@ struct OutListener {
     trusted_comment: String,
     keepalive_idle: Val<u64>,
     header_read: Val<u64>,
+    body_timeout: Val<u64>,
+    underscores: Val<bool>,
     certs: Vec<(String, String, bool, Loc)>,
     min_version: Val<&'static str>,
     no_alpn: bool,
     routes: Vec<OutRoute>,
-    order: (Arc<Path>, usize),
 }
 
 struct Cx {
@@ -1480,7 +1486,6 @@ const WARN: &[(&str, &str)] = &[
     ("more_clear_headers", "tidegate does not remove headers"),
     ("more_set_input_headers", "tidegate does not add request headers"),
     ("client_max_body_size", "tidegate does not limit request bodies (they are streamed)"),
-    ("client_body_timeout", "not configurable"),
     ("send_timeout", "not configurable"),
     ("expires", "tidegate does not add Expires/Cache-Control headers"),
     ("chunked_transfer_encoding", "not configurable"),
@@ -1492,7 +1497,6 @@ const WARN: &[(&str, &str)] = &[
     ("sub_filter_once", "tidegate does not rewrite response bodies"),
     ("sub_filter_types", "tidegate does not rewrite response bodies"),
     ("set", "variables do not exist in tidegate"),
-    ("underscores_in_headers", "tidegate passes headers with underscores"),
     ("recursive_error_pages", "no error pages"),
     ("max_ranges", "not configurable"),
     ("ssl_ciphers", "tidegate uses rustls's cipher suites"),
@@ -1708,10 +1712,16 @@ impl Cx {
             let time = |d: &Directive| d.arg(0).and_then(nginx_time_ms).map(|ms| (ms, d.loc()));
             match n {
                 // Handled by the walkers.
-                "upstream" | "server" | "map" | "location" | "if" | "listen" | "server_name" | "proxy_pass" | "include" => {}
+                "upstream" | "server" | "map" | "location" | "if" | "listen" | "server_name" | "proxy_pass" | "include"
+                | "health_check" => {}
                 "http" | "stream" | "events" | "mail" if ctx == Ctx::Main => {}
-                "proxy_connect_timeout" | "proxy_read_timeout" | "proxy_send_timeout" | "proxy_timeout"
-                | "keepalive_timeout" | "client_header_timeout" => {
+                "proxy_connect_timeout"
+                | "proxy_read_timeout"
+                | "proxy_send_timeout"
+                | "proxy_timeout"
+                | "keepalive_timeout"
+                | "client_header_timeout"
+                | "client_body_timeout" => {
                     let Some(v) = time(d) else {
                         self.warn(d, format!("{}: cannot read the time; not carried over", d.text()));
                         continue;
@@ -1722,9 +1732,11 @@ impl Cx {
                         "proxy_send_timeout" => s.send = Some(v),
                         "proxy_timeout" => s.stream_timeout = Some(v),
                         "keepalive_timeout" => s.keepalive_timeout = Some(v),
+                        "client_body_timeout" => s.body_timeout = Some(v),
                         _ => s.header_timeout = Some(v),
                     }
                 }
+                "underscores_in_headers" => s.underscores = Some((d.arg(0) == Some("on"), d.loc())),
                 "proxy_next_upstream_tries" => match d.arg(0).and_then(|a| a.parse::<u64>().ok()) {
                     Some(t) => s.tries = Some((t, d.loc())),
                     None => self.warn(d, format!("{}: not a number; not carried over", d.text())),
@@ -1790,9 +1802,7 @@ impl Cx {
                     s.proxy_ssl = if d.arg(0) == Some("on") { Some(d.loc()) } else { None };
                 }
                 "keepalive" if ctx == Ctx::Upstream => {}
-                _ if d.block.is_some() && !matches!(n, "limit_except" | "types" | "geo" | "split_clients" | "events") => {
-                    self.other(d, ctx)
-                }
+                _ if d.block.is_some() && !matches!(n, "limit_except" | "types" | "geo" | "split_clients" | "events") => self.other(d, ctx),
                 _ => self.other(d, ctx),
             }
         }
@@ -1816,8 +1826,7 @@ impl Cx {
             self.skip(d);
             return;
         };
-        let mut m =
-            MapDef { source, target, hostnames: false, default: None, entries: Vec::new(), loc: d.loc(), stream };
+        let mut m = MapDef { source, target, hostnames: false, default: None, entries: Vec::new(), loc: d.loc(), stream };
         for e in d.children() {
             match (e.name.as_str(), e.arg(0)) {
                 ("hostnames", None) => m.hostnames = true,
@@ -2027,8 +2036,11 @@ impl Cx {
             return;
         };
         let stream = self.ups[i].stream;
-        if raw.len() >= 5 && raw[..5].eq_ignore_ascii_case("unix:") {
-            self.unsupported(d, format!("{}: unix-socket servers are not supported (tidegate connects over TCP); server left out", d.text()));
+        if raw.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("unix:")) {
+            self.unsupported(
+                d,
+                format!("{}: unix-socket servers are not supported (tidegate connects over TCP); server left out", d.text()),
+            );
             return;
         }
         let (addr, non_canonical) = match server_addr(raw, if stream { None } else { Some(80) }) {
@@ -2206,7 +2218,7 @@ impl Cx {
                 if let Some((k, v)) = l.split_once(':')
                     && k.trim().eq_ignore_ascii_case("host")
                     && !v.trim().is_empty()
-                    && !v.trim().contains(char::is_whitespace)
+                    && !v.trim().contains(|c: char| c.is_whitespace() || c.is_control())
                 {
                     h.host = Some(v.trim().to_string());
                 }
@@ -2215,14 +2227,15 @@ impl Cx {
                 Some(e) => e.args.iter().map(|a| a.value.clone()).collect(),
                 None => vec!["http_2xx".into(), "http_3xx".into()],
             };
-            let mut codes = Vec::new();
+            let mut codes: Vec<u16> = Vec::new();
+            let mut only_2xx = true;
             for cls in &classes {
-                let base = match cls.as_str() {
-                    "http_1xx" => 100,
-                    "http_2xx" => 200,
-                    "http_3xx" => 300,
-                    "http_4xx" => 400,
-                    "http_5xx" => 500,
+                let class: &[u16] = match cls.as_str() {
+                    "http_1xx" => &STATUS_1XX,
+                    "http_2xx" => &STATUS_2XX,
+                    "http_3xx" => &STATUS_3XX,
+                    "http_4xx" => &STATUS_4XX,
+                    "http_5xx" => &STATUS_5XX,
                     other => {
                         if let Some(e) = expect {
                             self.warn(e, format!("expected status class \"{other}\" not understood; ignored"));
@@ -2230,21 +2243,71 @@ impl Cx {
                         continue;
                     }
                 };
-                codes.extend(base..base + 100);
+                only_2xx &= cls == "http_2xx";
+                codes.extend_from_slice(class);
             }
             codes.sort_unstable();
             codes.dedup();
-            h.expect = if codes == (200..300).collect::<Vec<u16>>() || codes.is_empty() { None } else { Some(codes) };
+            h.expect = if only_2xx || codes.is_empty() { None } else { Some(codes) };
         } else {
             for s in [send, expect].into_iter().flatten() {
                 self.warn(s, format!("{}: only used by type=http checks", s.text()));
             }
         }
         if h.timeout > h.interval {
-            self.warn(c, format!("check timeout ({}ms) exceeds the interval ({}ms); tidegate's timeout must not, so it is set to the interval", h.timeout, h.interval));
+            self.warn(
+                c,
+                format!(
+                    "check timeout ({}ms) exceeds the interval ({}ms); tidegate's timeout must not, so it is set to the interval",
+                    h.timeout, h.interval
+                ),
+            );
             h.timeout = h.interval;
         }
         self.converted(c, "-> [health] (nginx_upstream_check_module)");
+        self.ups[i].health = Some(h);
+    }
+
+    /// nginx Plus's `health_check [interval=5] [fails=1] [passes=1] [uri=/]` in a location.
+    fn plus_health_check(&mut self, i: usize, c: &Directive) {
+        if self.ups[i].health.is_some() {
+            self.warn(c, "the upstream already has a health check; this one is not used");
+            return;
+        }
+        let mut h = HealthCfg {
+            kind: "http",
+            interval: 5000,
+            timeout: 1000,
+            rise: 1,
+            fall: 1,
+            start_healthy: false,
+            path: Some("/".into()),
+            host: None,
+            expect: Some(STATUS_2XX.iter().chain(&STATUS_3XX).copied().collect()),
+            loc: c.loc(),
+        };
+        for a in &c.args {
+            let (k, v) = a.value.split_once('=').unwrap_or((a.value.as_str(), ""));
+            match k {
+                "interval" => match nginx_time_ms(v).filter(|&ms| ms > 0) {
+                    Some(ms) => h.interval = ms,
+                    None => self.warn(c, format!("health_check interval={v} not understood; 5s is used")),
+                },
+                "fails" => match v.parse::<u64>() {
+                    Ok(n) if (1..=1000).contains(&n) => h.fall = n,
+                    _ => self.warn(c, format!("health_check fails={v} not understood; 1 is used")),
+                },
+                "passes" => match v.parse::<u64>() {
+                    Ok(n) if (1..=1000).contains(&n) => h.rise = n,
+                    _ => self.warn(c, format!("health_check passes={v} not understood; 1 is used")),
+                },
+                "uri" if v.starts_with('/') && !v.bytes().any(|b| b.is_ascii_control() || b == b' ') => h.path = Some(v.to_string()),
+                "mandatory" | "persistent" => {}
+                _ => self.warn(c, format!("health_check parameter \"{}\" not supported; ignored", a.value)),
+            }
+        }
+        h.timeout = h.timeout.min(h.interval);
+        self.converted(c, "-> [health] kind = \"http\" on the upstream (nginx Plus health_check)");
         self.ups[i].health = Some(h);
     }
 
@@ -2255,7 +2318,14 @@ impl Cx {
         let plus = d.arg(0) == Some("cookie");
         match d.arg(0) {
             Some("route" | "learn") => {
-                self.unsupported(d, format!("{}: sticky {} is not supported (only cookie stickiness); balanced without stickiness", d.text(), d.arg(0).unwrap_or_default()));
+                self.unsupported(
+                    d,
+                    format!(
+                        "{}: sticky {} is not supported (only cookie stickiness); balanced without stickiness",
+                        d.text(),
+                        d.arg(0).unwrap_or_default()
+                    ),
+                );
                 return;
             }
             Some("cookie") => match d.arg(1) {
@@ -2319,7 +2389,9 @@ impl Cx {
                         self.warn(d, "hmac_key is shorter than the 16 characters tidegate needs for a cookie secret; cookies are unsigned");
                     }
                 }
-                "no_fallback" if !plus => self.warn(d, "no_fallback not supported: a cookie naming an unavailable server is rebalanced and re-set"),
+                "no_fallback" if !plus => {
+                    self.warn(d, "no_fallback not supported: a cookie naming an unavailable server is rebalanced and re-set")
+                }
                 "transfer" | "delimiter" if !plus => self.warn(d, format!("{} ignored", a.value)),
                 _ => self.warn(d, format!("sticky parameter \"{}\" not understood; ignored", a.value)),
             }
@@ -2343,6 +2415,17 @@ impl Cx {
         self.ups[i].sticky = Some(cfg);
     }
 }
+
+/// The registered statuses of each class, for `check_http_expect_alive http_2xx ...` (tidegate
+/// lists statuses; an unregistered one like 299 is not expected from a health endpoint).
+const STATUS_1XX: [u16; 4] = [100, 101, 102, 103];
+const STATUS_2XX: [u16; 10] = [200, 201, 202, 203, 204, 205, 206, 207, 208, 226];
+const STATUS_3XX: [u16; 9] = [300, 301, 302, 303, 304, 305, 306, 307, 308];
+const STATUS_4XX: [u16; 29] = [
+    400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 418, 421, 422, 423, 424, 425, 426, 428, 429,
+    431, 451,
+];
+const STATUS_5XX: [u16; 11] = [500, 501, 502, 503, 504, 505, 506, 507, 508, 510, 511];
 
 /// RFC 6265 cookie-name (an HTTP token).
 fn is_cookie_name_byte(b: u8) -> bool {
@@ -2514,7 +2597,10 @@ impl Cx {
         }
         if server.answers_itself {
             if !server.routes.is_empty() {
-                self.unsupported(d, "this server block answers every request with `return` before any location: its locations are left out");
+                self.unsupported(
+                    d,
+                    "this server block answers every request with `return` before any location: its locations are left out",
+                );
             }
             server.routes.clear();
         }
@@ -2571,9 +2657,10 @@ impl Cx {
     }
 
     fn if_block(&mut self, d: &Directive) {
-        let changes = d.children().iter().any(|c| {
-            matches!(c.name.as_str(), "return" | "rewrite" | "proxy_pass" | "set" | "try_files" | "break" | "deny" | "allow")
-        });
+        let changes = d
+            .children()
+            .iter()
+            .any(|c| matches!(c.name.as_str(), "return" | "rewrite" | "proxy_pass" | "set" | "try_files" | "break" | "deny" | "allow"));
         let cond: Vec<&str> = d.args.iter().map(|a| a.value.as_str()).collect();
         let what = format!("if {}", cond.join(" "));
         if changes {
@@ -2598,12 +2685,18 @@ impl Cx {
         let label = format!("location {}", d.args.iter().map(|a| a.value.as_str()).collect::<Vec<_>>().join(" "));
         match &kind {
             LocKind::Regex(r) => {
-                self.unsupported(d, format!("regex location `{label}` cannot be converted: tidegate routes by plain path prefix (\"{r}\")"));
+                self.unsupported(
+                    d,
+                    format!("regex location `{label}` cannot be converted: tidegate routes by plain path prefix (\"{r}\")"),
+                );
                 return;
             }
             LocKind::Named(n) => {
                 if proxies {
-                    self.warn(d, format!("named location {n} is only reached through try_files/error_page, which tidegate does not have; left out"));
+                    self.warn(
+                        d,
+                        format!("named location {n} is only reached through try_files/error_page, which tidegate does not have; left out"),
+                    );
                 }
                 return;
             }
@@ -2653,6 +2746,9 @@ impl Cx {
             return;
         }
         let Some(up) = self.proxy_target(pp, Some(&path), &scope, false) else { return };
+        if let Some(hc) = block.iter().find(|c| c.name == "health_check") {
+            self.plus_health_check(up, hc);
+        }
         let ws = self.websocket(&scope, pp);
         self.header_notes(&scope, up, pp);
         self.ups[up].uses.push(Use {
@@ -2668,13 +2764,7 @@ impl Cx {
             send_proxy: None,
         });
         let exact = matches!(kind, LocKind::Exact(_));
-        routes.push(DraftRoute {
-            prefix: if path == "/" && !exact { None } else { Some(path) },
-            exact,
-            upstream: up,
-            loc: d.loc(),
-            label,
-        });
+        routes.push(DraftRoute { prefix: if path == "/" && !exact { None } else { Some(path) }, exact, upstream: up, loc: d.loc(), label });
     }
 
     /// Whether the location carries the WebSocket idiom (`Upgrade $http_upgrade` and
@@ -2815,7 +2905,10 @@ impl Cx {
         if tls {
             self.upstream_tls(up, authority, scope, pp);
         } else if self.ups[up].tls.is_some() {
-            self.unsupported(pp, format!("{}: upstream \"{}\" is also used with https://; tidegate uses TLS for all of it", pp.text(), self.ups[up].name));
+            self.unsupported(
+                pp,
+                format!("{}: upstream \"{}\" is also used with https://; tidegate uses TLS for all of it", pp.text(), self.ups[up].name),
+            );
         }
         Some(up)
     }
@@ -2830,8 +2923,13 @@ impl Cx {
         let label = format!("proxy_pass {}", pp.arg(0).unwrap_or_default());
         let i = self.new_up(name.clone(), label, pp.loc(), stream);
         let non_canonical = authority.parse::<SocketAddr>().is_err();
-        if authority.parse::<SocketAddr>().is_err() && !authority.trim_start_matches('[').starts_with(|c: char| c.is_ascii_digit() || c == ':') {
-            self.converted(pp, format!("\"{authority}\" is resolved once when tidegate loads the config (nginx resolved it at startup too)"));
+        if authority.parse::<SocketAddr>().is_err()
+            && !authority.trim_start_matches('[').starts_with(|c: char| c.is_ascii_digit() || c == ':')
+        {
+            self.converted(
+                pp,
+                format!("\"{authority}\" is resolved once when tidegate loads the config (nginx resolved it at startup too)"),
+            );
         }
         self.ups[i].servers.push(Srv {
             addr: addr.clone(),
@@ -2912,7 +3010,10 @@ fn listen_addr(raw: &str) -> Result<(SocketAddr, Option<String>), String> {
         return Ok((SocketAddr::new(ip, port), None));
     }
     if host.eq_ignore_ascii_case("localhost") {
-        return Ok((SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Some(format!("listen {raw} -> bind 127.0.0.1:{port} (tidegate binds IP addresses)"))));
+        return Ok((
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Some(format!("listen {raw} -> bind 127.0.0.1:{port} (tidegate binds IP addresses)")),
+        ));
     }
     Err(format!("tidegate binds IP addresses, not the host name \"{host}\""))
 }
@@ -2945,11 +3046,17 @@ impl Cx {
                 return;
             };
             if m.source != "ssl_preread_server_name" {
-                self.unsupported(pp, format!("{}: ${var} maps ${}; only a map of $ssl_preread_server_name (SNI) converts", pp.text(), m.source));
+                self.unsupported(
+                    pp,
+                    format!("{}: ${var} maps ${}; only a map of $ssl_preread_server_name (SNI) converts", pp.text(), m.source),
+                );
                 return;
             }
             if !scope.ssl_preread {
-                self.warn(pp, "the map reads $ssl_preread_server_name but `ssl_preread on` is missing here; converted as SNI routing anyway");
+                self.warn(
+                    pp,
+                    "the map reads $ssl_preread_server_name but `ssl_preread on` is missing here; converted as SNI routing anyway",
+                );
             }
             mode = "tls_passthrough";
             routes = self.sni_routes(&m, &scope);
@@ -2980,7 +3087,13 @@ impl Cx {
         let (trusted, trusted_comment) = self.trusted(&[&scope], accept_proxy.as_ref());
         for l in listens {
             let wildcard = l.addr.ip().is_unspecified();
-            let base = if mode == "tls_passthrough" { "tls" } else if ssl { "tcps" } else { "tcp" };
+            let base = if mode == "tls_passthrough" {
+                "tls"
+            } else if ssl {
+                "tcps"
+            } else {
+                "tcp"
+            };
             let name = if wildcard && l.addr.is_ipv4() {
                 format!("{base}-{}", l.addr.port())
             } else {
@@ -2988,6 +3101,7 @@ impl Cx {
             };
             let comment = format!("{} (stream server), {}", self.at(&d.loc()), self.at(&l.loc));
             self.listeners.push(OutListener {
+                loc: l.loc.clone(),
                 name,
                 bind: l.addr.to_string(),
                 mode,
@@ -2998,11 +3112,12 @@ impl Cx {
                 trusted_comment: trusted_comment.clone(),
                 keepalive_idle: None,
                 header_read: None,
+                body_timeout: None,
+                underscores: None,
                 certs: certs.clone(),
                 min_version: min_version.clone(),
                 no_alpn: ssl,
                 routes: routes.clone(),
-                order: (l.loc.file.clone(), l.loc.line),
             });
         }
     }
@@ -3028,7 +3143,11 @@ impl Cx {
             let sni = scope.ssl_name.as_ref().filter(|(n, _)| !has_vars(n) && is_hostname(n)).map(|(n, _)| n.clone());
             self.ups[up].tls = Some(UpTls { verify, ca, sni, loc: l.clone() });
             if !verify {
-                self.note(l, Level::Warning, "proxy_ssl: nginx does not verify server certificates without `proxy_ssl_verify on`; kept as verify = false");
+                self.note(
+                    l,
+                    Level::Warning,
+                    "proxy_ssl: nginx does not verify server certificates without `proxy_ssl_verify on`; kept as verify = false",
+                );
             }
         }
     }
@@ -3041,11 +3160,19 @@ impl Cx {
         for (key, value, loc) in &m.entries {
             let key = key.to_ascii_lowercase();
             let patterns: Vec<(bool, String)> = if key.starts_with('~') {
-                self.note(loc, Level::Unsupported, format!("regex SNI key \"{key}\" cannot be converted; tidegate matches exact names and *.wildcards"));
+                self.note(
+                    loc,
+                    Level::Unsupported,
+                    format!("regex SNI key \"{key}\" cannot be converted; tidegate matches exact names and *.wildcards"),
+                );
                 continue;
-            } else if m.hostnames && let Some(rest) = key.strip_prefix("*.") {
+            } else if m.hostnames
+                && let Some(rest) = key.strip_prefix("*.")
+            {
                 vec![(true, format!("*.{rest}"))]
-            } else if m.hostnames && let Some(rest) = key.strip_prefix('.') {
+            } else if m.hostnames
+                && let Some(rest) = key.strip_prefix('.')
+            {
                 vec![(false, rest.to_string()), (true, format!("*.{rest}"))]
             } else if m.hostnames && key.ends_with(".*") {
                 self.note(loc, Level::Unsupported, format!("SNI key \"{key}\" (wildcard at the end) cannot be converted"));
@@ -3060,9 +3187,14 @@ impl Cx {
                     continue;
                 }
                 if is_wild {
-                    self.note(loc, Level::Warning, format!("\"{p}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"));
+                    self.note(
+                        loc,
+                        Level::Warning,
+                        format!("\"{p}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"),
+                    );
                 }
-                let route = OutRoute { host: None, sni: Some(p.clone()), prefix: None, upstream: up, comment: format!("{} map {p}", self.at(loc)) };
+                let route =
+                    OutRoute { host: None, sni: Some(p.clone()), prefix: None, upstream: up, comment: format!("{} map {p}", self.at(loc)) };
                 if is_wild { wild.push((p.len(), route)) } else { exact.push(route) }
             }
         }
@@ -3075,7 +3207,11 @@ impl Cx {
             }
         } else {
             let loc = m.loc.clone();
-            self.note(&loc, Level::Converted, "no map default: a ClientHello matching no name (or without SNI) is refused, as nginx fails to proxy an empty target");
+            self.note(
+                &loc,
+                Level::Converted,
+                "no map default: a ClientHello matching no name (or without SNI) is refused, as nginx fails to proxy an empty target",
+            );
         }
         out
     }
@@ -3155,13 +3291,16 @@ impl Cx {
         let all: Vec<SocketAddr> = entries.iter().map(|e| e.0).collect();
         let has = |ip: IpAddr, port: u16| all.iter().any(|a| a.ip() == ip && a.port() == port);
         let mut canon: Vec<SocketAddr> = Vec::new();
+        let mut merged_ports: BTreeSet<u16> = BTreeSet::new();
         for (addr, _, l) in &entries {
             let port = addr.port();
             let v4any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
             let v6any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
             let c = if addr.ip().is_unspecified() && has(v4any, port) && has(v6any, port) {
-                let loc = l.loc.clone();
-                self.note(&loc, Level::Warning, format!("`listen {port}` and `listen [::]:{port}` become one listener on [::]:{port}, which takes IPv4 too on Linux (net.ipv6.bindv6only=0)"));
+                if merged_ports.insert(port) {
+                    let loc = l.loc.clone();
+                    self.note(&loc, Level::Warning, format!("`listen {port}` and `listen [::]:{port}` (here and in other server blocks) become one listener on [::]:{port}, which takes IPv4 too on Linux (net.ipv6.bindv6only=0)"));
+                }
                 SocketAddr::new(v6any, port)
             } else if !addr.ip().is_unspecified() && addr.is_ipv4() && has(v4any, port) {
                 let loc = l.loc.clone();
@@ -3201,7 +3340,11 @@ impl Cx {
         let first = group[0].1.loc.clone();
         let accept_proxy = group.iter().find(|(_, l)| l.proxy_protocol).map(|(_, l)| l.loc.clone());
         let scheme = if ssl { "https" } else { "http" };
-        let name = if addr.ip().is_unspecified() { format!("{scheme}-{}", addr.port()) } else { format!("{scheme}-{}-{}", addr.ip(), addr.port()) };
+        let name = if addr.ip().is_unspecified() {
+            format!("{scheme}-{}", addr.port())
+        } else {
+            format!("{scheme}-{}-{}", addr.ip(), addr.port())
+        };
         let comment = members.iter().map(|&si| format!("{} (server)", self.at(&servers[si].loc))).collect::<Vec<_>>().join(", ");
 
         // Host routes of every server, exact names first, then wildcards longest first.
@@ -3231,7 +3374,11 @@ impl Cx {
                     reachable = true;
                     if is_wild {
                         let loc = loc.clone();
-                        self.note(&loc, Level::Warning, format!("\"{host}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"));
+                        self.note(
+                            &loc,
+                            Level::Warning,
+                            format!("\"{host}\" matches exactly one more label in tidegate; nginx's wildcard matches any depth"),
+                        );
                     }
                     for r in &routes {
                         let route = OutRoute {
@@ -3247,7 +3394,13 @@ impl Cx {
             }
             if !reachable && !routes.is_empty() {
                 let loc = s.loc.clone();
-                self.note(&loc, Level::Warning, format!("server block on {addr} has no usable server_name and is not the default server: nginx never picks it; left out"));
+                self.note(
+                    &loc,
+                    Level::Warning,
+                    format!(
+                        "server block on {addr} has no usable server_name and is not the default server: nginx never picks it; left out"
+                    ),
+                );
             }
             if si != default && !routes.is_empty() && !routes.iter().any(|r| r.prefix.is_none()) {
                 let loc = s.loc.clone();
@@ -3267,14 +3420,30 @@ impl Cx {
             });
         }
         if routes.is_empty() {
-            self.note(&first, Level::Unsupported, format!("no listener on {addr}: none of its server blocks proxies anything tidegate can route"));
+            self.note(
+                &first,
+                Level::Unsupported,
+                format!("no listener on {addr}: none of its server blocks proxies anything tidegate can route"),
+            );
             return;
         }
         let scopes: Vec<&Scope> = members.iter().map(|&si| &servers[si].scope).collect();
         let default_pos = members.iter().position(|&si| si == default).unwrap_or(0);
-        let certs = if ssl { self.certificates(&scopes, default_pos, &Directive { name: "server".into(), args: Vec::new(), file: first.file.clone(), line: first.line, block: None }) } else { Vec::new() };
+        let certs = if ssl {
+            self.certificates(
+                &scopes,
+                default_pos,
+                &Directive { name: "server".into(), args: Vec::new(), file: first.file.clone(), line: first.line, block: None },
+            )
+        } else {
+            Vec::new()
+        };
         if ssl && certs.is_empty() {
-            self.note(&first, Level::Unsupported, format!("TLS listener {addr} has no usable ssl_certificate/ssl_certificate_key; left out"));
+            self.note(
+                &first,
+                Level::Unsupported,
+                format!("TLS listener {addr} has no usable ssl_certificate/ssl_certificate_key; left out"),
+            );
             return;
         }
         let dscope = &servers[default].scope;
@@ -3282,13 +3451,32 @@ impl Cx {
         let (trusted, trusted_comment) = self.trusted(&scopes, accept_proxy.as_ref());
         let keepalive_idle = match dscope.keepalive_timeout.clone() {
             Some((0, loc)) => {
-                self.note(&loc, Level::Warning, "keepalive_timeout 0 (no client keep-alive) is not supported; tidegate's default 60s applies");
+                self.note(
+                    &loc,
+                    Level::Warning,
+                    "keepalive_timeout 0 (no client keep-alive) is not supported; tidegate's default 60s applies",
+                );
                 None
             }
             other => other,
         };
         let header_read = dscope.header_timeout.clone().filter(|(ms, _)| *ms > 0);
+        let body_timeout = dscope.body_timeout.clone().filter(|(ms, _)| *ms > 0);
+        let underscores = dscope.underscores.clone();
+        for &si in &members {
+            let sc = &servers[si].scope;
+            let differs = |a: &Val<u64>, b: &Val<u64>| a.as_ref().map(|v| v.0) != b.as_ref().map(|v| v.0);
+            if si != default
+                && (differs(&sc.keepalive_timeout, &dscope.keepalive_timeout)
+                    || differs(&sc.header_timeout, &dscope.header_timeout)
+                    || differs(&sc.body_timeout, &dscope.body_timeout))
+            {
+                let loc = servers[si].loc.clone();
+                self.note(&loc, Level::Warning, format!("client timeouts of this server block differ from the default server's on {addr}; tidegate has one set per listener: the default server's is used"));
+            }
+        }
         self.listeners.push(OutListener {
+            loc: first.clone(),
             name,
             bind: addr.to_string(),
             mode: "http",
@@ -3299,11 +3487,12 @@ impl Cx {
             trusted_comment,
             keepalive_idle,
             header_read,
+            body_timeout,
+            underscores,
             certs,
             min_version,
             no_alpn: false,
             routes,
-            order: (first.file.clone(), first.line),
         });
     }
 
@@ -3321,7 +3510,11 @@ impl Cx {
                     continue;
                 }
                 let loc = r.loc.clone();
-                self.note(&loc, Level::Warning, format!("`{}` is an exact match; tidegate routes every path starting with \"{p}\" there", r.label));
+                self.note(
+                    &loc,
+                    Level::Warning,
+                    format!("`{}` is an exact match; tidegate routes every path starting with \"{p}\" there", r.label),
+                );
             }
             out.push(r.clone());
         }
@@ -3336,12 +3529,20 @@ impl Cx {
         for (pos, s) in scopes.iter().enumerate() {
             if s.certs.len() != s.keys.len() {
                 let loc = s.certs.first().or(s.keys.first()).map_or_else(|| at.loc(), |(_, l)| l.clone());
-                self.note(&loc, Level::Unsupported, "ssl_certificate and ssl_certificate_key do not pair up; these certificates are left out");
+                self.note(
+                    &loc,
+                    Level::Unsupported,
+                    "ssl_certificate and ssl_certificate_key do not pair up; these certificates are left out",
+                );
                 continue;
             }
             for (i, ((cert, loc), (key, kloc))) in s.certs.iter().zip(&s.keys).enumerate() {
                 if has_vars(cert) || has_vars(key) || cert.starts_with("data:") || key.starts_with("data:") || key.starts_with("engine:") {
-                    self.note(loc, Level::Unsupported, format!("certificate \"{cert}\" / key \"{key}\": variables, data: and engine: are not supported; left out"));
+                    self.note(
+                        loc,
+                        Level::Unsupported,
+                        format!("certificate \"{cert}\" / key \"{key}\": variables, data: and engine: are not supported; left out"),
+                    );
                     continue;
                 }
                 let (cert, key) = (self.path_text(cert), self.path_text(key));
@@ -3366,11 +3567,7 @@ impl Cx {
             let old: Vec<&str> = old.iter().map(|s| s.as_str()).collect();
             self.note(&loc, Level::Warning, format!("{} not supported: tidegate speaks TLS 1.2 and 1.3 only", old.join(", ")));
         }
-        if has("TLSv1.2") || !has("TLSv1.3") {
-            Some(("1.2", loc))
-        } else {
-            Some(("1.3", loc))
-        }
+        if has("TLSv1.2") || !has("TLSv1.3") { Some(("1.2", loc)) } else { Some(("1.3", loc)) }
     }
 
     /// `trusted_proxies` from `set_real_ip_from` (and, with `accept_proxy`, everyone when
@@ -3396,7 +3593,11 @@ impl Cx {
                 && !h.eq_ignore_ascii_case("x-forwarded-for")
                 && !h.eq_ignore_ascii_case("proxy_protocol")
             {
-                self.note(loc, Level::Warning, format!("real_ip_header {h}: tidegate reads the client address from X-Forwarded-For (or the PROXY header)"));
+                self.note(
+                    loc,
+                    Level::Warning,
+                    format!("real_ip_header {h}: tidegate reads the client address from X-Forwarded-For (or the PROXY header)"),
+                );
             }
         }
         if let Some(loc) = accept_proxy
@@ -3407,5 +3608,1316 @@ impl Cx {
         }
         let comment = if locs.is_empty() { String::new() } else { format!("{} set_real_ip_from", locs.join(", ")) };
         (out, comment)
+    }
+}
+
+// =======================================================================================
+// Converter: per-upstream settings from the locations, and the TOML text
+// =======================================================================================
+
+/// Settings that nginx sets per location and tidegate per upstream.
+#[derive(Debug, Default)]
+struct Settled {
+    connect: Val<u64>,
+    response_header: Val<u64>,
+    tunnel_idle: Val<u64>,
+    tries: Val<u64>,
+    fail_on: Option<(Vec<u16>, Loc)>,
+    send_proxy: Option<Loc>,
+}
+
+impl Cx {
+    /// One value for an upstream from the values its locations set: the largest, with a
+    /// warning when they differ.
+    fn one_value(&mut self, up: usize, what: &str, values: Vec<(u64, Loc)>) -> Val<u64> {
+        let mut distinct: Vec<u64> = values.iter().map(|v| v.0).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let best = values.iter().max_by_key(|v| v.0)?.clone();
+        if distinct.len() > 1 {
+            let list: Vec<String> = values.iter().map(|(v, l)| format!("{} at {}", fmt_ms(*v), self.at(l))).collect();
+            let (name, loc) = (self.ups[up].name.clone(), self.ups[up].loc.clone());
+            self.note(
+                &loc,
+                Level::Warning,
+                format!("locations using upstream \"{name}\" set different {what} ({}); tidegate has one per upstream: the largest, {}, is used", list.join(", "), fmt_ms(best.0)),
+            );
+        }
+        Some(best)
+    }
+
+    fn settle(&mut self, up: usize) -> Settled {
+        let uses = self.ups[up].uses.clone();
+        let connect = self.one_value(up, "proxy_connect_timeout", uses.iter().filter_map(|u| u.connect.clone()).collect());
+        let mut s = Settled { connect, ..Settled::default() };
+        for u in uses.iter().filter(|u| u.connect.as_ref().is_some_and(|c| c.0 == 0)) {
+            self.note(&u.loc, Level::Warning, "proxy_connect_timeout 0 is not a usable timeout; left out");
+        }
+        if s.connect.as_ref().is_some_and(|c| c.0 == 0) {
+            s.connect = None;
+        }
+        let http_reads: Vec<(u64, Loc)> = uses.iter().filter(|u| !u.ws && !u.stream).filter_map(|u| u.read.clone()).collect();
+        s.response_header = self.one_value(up, "proxy_read_timeout", http_reads).filter(|v| v.0 > 0);
+        let mut idle: Vec<(u64, Loc)> = Vec::new();
+        for u in &uses {
+            if u.ws {
+                match [u.read.clone(), u.send.clone()].into_iter().flatten().max_by_key(|v| v.0) {
+                    Some(v) => idle.push(v),
+                    None => self.note(
+                        &u.loc,
+                        Level::Converted,
+                        "WebSocket location without proxy_read_timeout: nginx closed idle WebSockets after 60s; tidegate's tunnel_idle default (1h) applies",
+                    ),
+                }
+            } else if !u.stream && u.send.is_some() {
+                let loc = u.send.as_ref().map(|v| v.1.clone()).unwrap_or_else(|| u.loc.clone());
+                self.note(
+                    &loc,
+                    Level::Warning,
+                    "proxy_send_timeout on a plain HTTP location: tidegate has no send timeout towards servers",
+                );
+            }
+            if u.stream {
+                match &u.stream_timeout {
+                    Some(v) => idle.push(v.clone()),
+                    None => self.note(
+                        &u.loc,
+                        Level::Converted,
+                        "no proxy_timeout: nginx closed idle TCP connections after 10m; tidegate's tunnel_idle default (1h) applies",
+                    ),
+                }
+            }
+        }
+        s.tunnel_idle = self
+            .one_value(up, "WebSocket/TCP idle timeouts (proxy_read_timeout, proxy_send_timeout, proxy_timeout)", idle)
+            .filter(|v| v.0 > 0);
+        let mut tries: Vec<(u64, Loc)> = uses.iter().filter_map(|u| u.tries.clone()).collect();
+        let mut statuses: Vec<u16> = Vec::new();
+        let mut status_loc: Option<Loc> = None;
+        for u in &uses {
+            let Some((list, loc)) = &u.next_upstream else { continue };
+            for v in list {
+                match v.as_str() {
+                    "error" | "timeout" => {}
+                    "off" => {
+                        if u.tries.is_none() {
+                            tries.push((1, loc.clone()));
+                        }
+                        self.note(loc, Level::Converted, "proxy_next_upstream off -> tries = 1");
+                    }
+                    "http_500" | "http_502" | "http_503" | "http_504" => {
+                        let code: u16 = v[5..].parse().unwrap_or(502);
+                        if !statuses.contains(&code) {
+                            statuses.push(code);
+                        }
+                        status_loc.get_or_insert_with(|| loc.clone());
+                    }
+                    other => self.note(loc, Level::Warning, format!("proxy_next_upstream {other}: not carried over (tidegate retries only failed connects and counts only connect errors, timeouts and listed 5xx statuses as failures)")),
+                }
+            }
+        }
+        if let Some(loc) = status_loc {
+            statuses.sort_unstable();
+            self.note(
+                &loc,
+                Level::Warning,
+                "5xx statuses in proxy_next_upstream -> fail_on (they count towards max_fails); tidegate does not retry a request once it was sent, nginx retried it on the next server",
+            );
+            s.fail_on = Some((statuses, loc));
+        }
+        s.tries = self.one_value(up, "proxy_next_upstream_tries", tries);
+        let with: Vec<&Use> = uses.iter().filter(|u| u.send_proxy.is_some()).collect();
+        if let Some(first) = with.first() {
+            s.send_proxy = first.send_proxy.clone();
+            if with.len() < uses.len() {
+                let (name, loc) = (self.ups[up].name.clone(), self.ups[up].loc.clone());
+                self.note(
+                    &loc,
+                    Level::Warning,
+                    format!(
+                        "only some stream servers using \"{name}\" send the PROXY protocol; tidegate sends it on every connection to it"
+                    ),
+                );
+            }
+        }
+        s
+    }
+
+    /// Drops listeners whose address another one already takes (http and stream on one
+    /// port, two stream servers on one port), as tidegate refuses overlapping binds.
+    fn check_binds(&mut self) {
+        let mut listeners = std::mem::take(&mut self.listeners);
+        listeners.sort_by_key(|l| l.mode != "http");
+        let mut kept: Vec<OutListener> = Vec::new();
+        for l in listeners {
+            let Ok(a) = l.bind.parse::<SocketAddr>() else { continue };
+            let clash = kept.iter().find(|k| {
+                k.bind.parse::<SocketAddr>().is_ok_and(|b| {
+                    b.port() == a.port() && (b == a || (b.is_ipv4() == a.is_ipv4() && (b.ip().is_unspecified() || a.ip().is_unspecified())))
+                })
+            });
+            if let Some(k) = clash {
+                let msg = format!(
+                    "{} is already taken by the listener from {}; tidegate needs one listener per address: left out",
+                    l.bind,
+                    self.at(&k.loc)
+                );
+                let loc = l.loc.clone();
+                self.note(&loc, Level::Unsupported, msg);
+                continue;
+            }
+            kept.push(l);
+        }
+        if kept.is_empty() {
+            let loc = Loc { file: Arc::from(self.main_file.as_path()), line: 1 };
+            self.note(
+                &loc,
+                Level::Unsupported,
+                "nothing to listen on: no server block could be converted, so the output has no [[listener]]",
+            );
+        }
+        self.listeners = kept;
+    }
+
+    fn finish(mut self) -> Import {
+        self.check_binds();
+        let settled: Vec<Settled> = (0..self.ups.len()).map(|i| self.settle(i)).collect();
+        let toml = self.render(&settled);
+        let mut notes = std::mem::take(&mut self.notes);
+        let main = self.shown(&self.main_file);
+        notes.sort_by(|a, b| (a.file != main, &a.file, a.line).cmp(&(b.file != main, &b.file, b.line)));
+        let mut skipped = self.skipped;
+        skipped.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        Import { toml, notes, skipped }
+    }
+
+    fn render(&mut self, settled: &[Settled]) -> String {
+        let mut t = String::new();
+        let main = self.shown(&self.main_file);
+        let _ = writeln!(t, "# tidegate configuration converted from {} by `tidegate import-nginx`.", main.display());
+        let _ = writeln!(t, "# Every item names the nginx line it came from. Check it with `tidegate check -c FILE`.");
+        let mut problems: Vec<&Note> = self.notes.iter().filter(|n| n.level != Level::Converted).collect();
+        problems.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+        if !problems.is_empty() {
+            let _ = writeln!(t, "#\n# Not carried over, or carried over with a difference:");
+            for n in problems {
+                let _ = writeln!(t, "#   {n}");
+            }
+        }
+        t.push('\n');
+        if let Some((ms, loc)) = &self.shutdown_timeout {
+            let _ = writeln!(t, "shutdown_timeout = {}  # {} worker_shutdown_timeout\n", toml_str(&fmt_ms(*ms)), self.at(loc));
+        }
+        let mut listeners = std::mem::take(&mut self.listeners);
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for l in &mut listeners {
+            let mut name = l.name.clone();
+            let mut n = 2;
+            while !names.insert(name.clone()) {
+                name = format!("{}-{n}", l.name);
+                n += 1;
+            }
+            l.name = name;
+        }
+        for l in &listeners {
+            self.render_listener(&mut t, l);
+        }
+        for (i, settled) in settled.iter().enumerate() {
+            if self.ups[i].dead.is_none() {
+                self.render_upstream(&mut t, i, settled);
+            }
+        }
+        t
+    }
+
+    fn render_listener(&self, t: &mut String, l: &OutListener) {
+        let _ = writeln!(t, "[[listener]]  # {}", l.comment);
+        let _ = writeln!(t, "name = {}", toml_str(&l.name));
+        let _ = writeln!(t, "bind = {}", toml_str(&l.bind));
+        if l.mode != "http" {
+            let _ = writeln!(t, "mode = {}", toml_str(l.mode));
+        }
+        if let Some(u) = l.upstream {
+            let _ = writeln!(t, "upstream = {}", toml_str(&self.ups[u].name));
+        }
+        if let Some(loc) = &l.accept_proxy {
+            let _ = writeln!(t, "accept_proxy = true  # {} listen ... proxy_protocol", self.at(loc));
+        }
+        if !l.trusted.is_empty() {
+            let list: Vec<String> = l.trusted.iter().map(|s| toml_str(s)).collect();
+            let _ = writeln!(t, "trusted_proxies = [{}]  # {}", list.join(", "), l.trusted_comment);
+        }
+        if let Some((allow, loc)) = &l.underscores {
+            let v = if *allow { "allow" } else { "drop" };
+            let _ = writeln!(t, "header_underscores = {}  # {} underscores_in_headers", toml_str(v), self.at(loc));
+        }
+        if l.keepalive_idle.is_some() || l.header_read.is_some() || l.body_timeout.is_some() {
+            let _ = writeln!(t, "\n  [listener.timeouts]");
+            if let Some((ms, loc)) = &l.header_read {
+                let _ = writeln!(t, "  header_read = {}  # {} client_header_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
+            }
+            if let Some((ms, loc)) = &l.keepalive_idle {
+                let _ = writeln!(t, "  keepalive_idle = {}  # {} keepalive_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
+            }
+            if let Some((ms, loc)) = &l.body_timeout {
+                let _ = writeln!(t, "  body = {}  # {} client_body_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
+                let _ = writeln!(t, "  body_min_rate = 0  # nginx only times out a body that stops (no minimum rate)");
+            }
+        }
+        if !l.certs.is_empty() {
+            let _ = writeln!(t, "\n  [listener.tls]");
+            let _ = writeln!(t, "  certificates = [");
+            for (cert, key, default, loc) in &l.certs {
+                let d = if *default { ", default = true" } else { "" };
+                let _ = writeln!(t, "    {{ cert = {}, key = {}{d} }},  # {} ssl_certificate", toml_str(cert), toml_str(key), self.at(loc));
+            }
+            let _ = writeln!(t, "  ]");
+            if let Some((v, loc)) = &l.min_version {
+                let _ = writeln!(t, "  min_version = {}  # {} ssl_protocols", toml_str(v), self.at(loc));
+            }
+            if l.no_alpn {
+                let _ = writeln!(t, "  alpn = []  # a TCP listener: offer no ALPN protocol (nginx's stream module offers none)");
+            }
+        }
+        for r in &l.routes {
+            let _ = writeln!(t, "\n  [[listener.route]]  # {}", r.comment);
+            if let Some(h) = &r.host {
+                let _ = writeln!(t, "  host = {}", toml_str(h));
+            }
+            if let Some(s) = &r.sni {
+                let _ = writeln!(t, "  sni = {}", toml_str(s));
+            }
+            if let Some(p) = &r.prefix {
+                let _ = writeln!(t, "  path_prefix = {}", toml_str(p));
+            }
+            let _ = writeln!(t, "  upstream = {}", toml_str(&self.ups[r.upstream].name));
+        }
+        t.push('\n');
+    }
+
+    fn render_upstream(&self, t: &mut String, i: usize, s: &Settled) {
+        let up = &self.ups[i];
+        let table = format!("upstream.{}", toml_key(&up.name));
+        let _ = writeln!(t, "[{table}]  # {} {}", self.at(&up.loc), up.label);
+        let mloc = up.method_loc.as_ref().map(|l| format!("  # {}", self.at(l))).unwrap_or_default();
+        let sloc = up.sticky.as_ref().and_then(|c| c.loc.as_ref()).map(|l| format!("  # {}", self.at(l))).unwrap_or_default();
+        let fallback = match up.method {
+            Method::LeastConn => "least_conn",
+            Method::RandomTwo => "p2c",
+            Method::RoundRobin | Method::Random => "round_robin",
+            Method::IpHash | Method::Hash { .. } => "least_conn",
+        };
+        match (&up.sticky, &up.method) {
+            (Some(_), _) => {
+                let _ = writeln!(t, "balance = \"cookie\"{sloc}");
+            }
+            (None, Method::RoundRobin) => {}
+            (None, Method::Random) => {
+                let _ = writeln!(t, "balance = \"round_robin\"{mloc} random");
+            }
+            (None, Method::LeastConn) => {
+                let _ = writeln!(t, "balance = \"least_conn\"{mloc}");
+            }
+            (None, Method::RandomTwo) => {
+                let _ = writeln!(t, "balance = \"p2c\"{mloc}");
+            }
+            (None, Method::IpHash) => {
+                let _ = writeln!(t, "balance = \"ip_hash\"{mloc}");
+                let _ = writeln!(t, "ip_hash = {{ mode = \"nginx\" }}");
+            }
+            (None, Method::Hash { .. }) => {
+                let _ = writeln!(t, "balance = \"hash\"{mloc}");
+            }
+        }
+        if let Some((k, loc)) = &up.keepalive {
+            let _ = writeln!(t, "keepalive = {k}  # {}", self.at(loc));
+        }
+        if let Some((n, loc)) = &s.tries {
+            let _ = writeln!(t, "tries = {n}  # {} proxy_next_upstream_tries", self.at(loc));
+        }
+        if let Some((codes, loc)) = &s.fail_on {
+            let list: Vec<String> = codes.iter().map(u16::to_string).collect();
+            let _ = writeln!(t, "fail_on = [\"connect\", \"timeout\", {}]  # {} proxy_next_upstream", list.join(", "), self.at(loc));
+        }
+        if let Some(loc) = &s.send_proxy {
+            let _ = writeln!(t, "send_proxy = \"v1\"  # {} proxy_protocol on", self.at(loc));
+        }
+        let _ = writeln!(t, "servers = [");
+        for srv in &up.servers {
+            let mut fields = vec![format!("addr = {}", toml_str(&srv.addr))];
+            if srv.weight != 1 {
+                fields.push(format!("weight = {}", srv.weight));
+            }
+            if let Some(m) = srv.max_fails {
+                fields.push(format!("max_fails = {m}"));
+            }
+            if let Some(ms) = srv.fail_timeout {
+                fields.push(format!("fail_timeout = {}", toml_str(&fmt_ms(ms))));
+            }
+            if srv.backup {
+                fields.push("backup = true".into());
+            }
+            if srv.down {
+                fields.push("down = true".into());
+            }
+            if let Some(m) = srv.max_conns {
+                fields.push(format!("max_conns = {m}"));
+            }
+            let _ = writeln!(t, "  {{ {} }},  # {}", fields.join(", "), self.at(&srv.loc));
+        }
+        let _ = writeln!(t, "]");
+        if let (None, Method::Hash { key, consistent }) = (&up.sticky, &up.method) {
+            let _ = writeln!(t, "\n  [{table}.hash]");
+            let _ = writeln!(t, "  key = {}{mloc}", toml_str(key));
+            let why = if *consistent { "off, as nginx's `hash ... consistent`" } else { "off: nginx's hash has no load bound" };
+            let _ = writeln!(t, "  bounded_load = 0.0  # {why}");
+        }
+        if let Some(c) = &up.sticky {
+            let _ = writeln!(t, "\n  [{table}.cookie]");
+            if let Some(n) = &c.name {
+                let _ = writeln!(t, "  name = {}", toml_str(n));
+            }
+            if let Some(v) = &c.secret {
+                let _ = writeln!(t, "  secret = {}", toml_str(v));
+            }
+            if let Some(v) = &c.max_age {
+                let _ = writeln!(t, "  max_age = {}", toml_str(v));
+            }
+            if let Some(v) = &c.path {
+                let _ = writeln!(t, "  path = {}", toml_str(v));
+            }
+            if let Some(v) = &c.domain {
+                let _ = writeln!(t, "  domain = {}", toml_str(v));
+            }
+            if let Some(v) = c.same_site {
+                let _ = writeln!(t, "  same_site = {}", toml_str(v));
+            }
+            let _ = writeln!(t, "  fallback = {}  # nginx's balancing for clients without the cookie", toml_str(fallback));
+        }
+        if s.connect.is_some() || s.response_header.is_some() || s.tunnel_idle.is_some() {
+            let _ = writeln!(t, "\n  [{table}.timeouts]");
+            if let Some((ms, loc)) = &s.connect {
+                let _ = writeln!(t, "  connect = {}  # {} proxy_connect_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
+            }
+            if let Some((ms, loc)) = &s.response_header {
+                let _ = writeln!(t, "  response_header = {}  # {} proxy_read_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
+            }
+            if let Some((ms, loc)) = &s.tunnel_idle {
+                let what = if up.stream { "proxy_timeout" } else { "proxy_read_timeout/proxy_send_timeout on a WebSocket location" };
+                let _ = writeln!(t, "  tunnel_idle = {}  # {} {what}", toml_str(&fmt_ms(*ms)), self.at(loc));
+            }
+        }
+        if let Some(h) = &up.health {
+            let _ = writeln!(t, "\n  [{table}.health]  # {} check", self.at(&h.loc));
+            let _ = writeln!(t, "  kind = {}", toml_str(h.kind));
+            if let Some(p) = &h.path {
+                let _ = writeln!(t, "  path = {}", toml_str(p));
+            }
+            if let Some(host) = &h.host {
+                let _ = writeln!(t, "  host = {}", toml_str(host));
+            }
+            if let Some(codes) = &h.expect {
+                let _ = writeln!(t, "  expect = [");
+                for chunk in codes.chunks(20) {
+                    let list: Vec<String> = chunk.iter().map(u16::to_string).collect();
+                    let _ = writeln!(t, "    {},", list.join(", "));
+                }
+                let _ = writeln!(t, "  ]");
+            }
+            let _ = writeln!(t, "  interval = {}", toml_str(&fmt_ms(h.interval)));
+            let _ = writeln!(t, "  timeout = {}", toml_str(&fmt_ms(h.timeout)));
+            let _ = writeln!(t, "  rise = {}", h.rise);
+            let _ = writeln!(t, "  fall = {}", h.fall);
+            if h.start_healthy {
+                let _ = writeln!(t, "  start_healthy = true  # default_down=false");
+            }
+        }
+        if let Some(tls) = &up.tls {
+            let _ = writeln!(t, "\n  [{table}.tls]  # {} https:// upstream", self.at(&tls.loc));
+            let _ = writeln!(t, "  enabled = true");
+            if let Some(s) = &tls.sni {
+                let _ = writeln!(t, "  sni = {}", toml_str(s));
+            }
+            if let Some(ca) = &tls.ca {
+                let _ = writeln!(t, "  ca = {}", toml_str(ca));
+            }
+            if !tls.verify {
+                let _ = writeln!(t, "  verify = false  # as nginx without proxy_ssl_verify on");
+            }
+        }
+        t.push('\n');
+    }
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A TOML key: bare when it can be, quoted otherwise (`127.0.0.1-9000` has dots).
+fn toml_key(s: &str) -> String {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') { s.to_string() } else { toml_str(s) }
+}
+
+/// nginx's time syntax (`30`, `10s`, `1m30s`, `500ms`, `1h 30m`, `2d`, `1w`, `1M`, `1y`;
+/// a bare number is seconds) in milliseconds.
+fn nginx_time_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut total: u64 = 0;
+    let mut any = false;
+    while i < b.len() {
+        if b[i] == b' ' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let n: u64 = s.get(start..i)?.parse().ok()?;
+        let mult: u64 = if b.get(i) == Some(&b'm') && b.get(i + 1) == Some(&b's') {
+            i += 2;
+            1
+        } else {
+            let m = match b.get(i) {
+                None | Some(b' ') => 1000,
+                Some(b's') => 1000,
+                Some(b'm') => 60_000,
+                Some(b'h') => 3_600_000,
+                Some(b'd') => 86_400_000,
+                Some(b'w') => 7 * 86_400_000,
+                Some(b'M') => 30 * 86_400_000,
+                Some(b'y') => 365 * 86_400_000,
+                Some(_) => return None,
+            };
+            if b.get(i).is_some_and(|&c| c != b' ') {
+                i += 1;
+            }
+            m
+        };
+        total = total.checked_add(n.checked_mul(mult)?)?;
+        any = true;
+    }
+    any.then_some(total)
+}
+
+/// Milliseconds as a tidegate duration, in the largest unit that is exact.
+fn fmt_ms(ms: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s")];
+    for (size, unit) in UNITS {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(text: &str) -> Vec<(String, Vec<String>)> {
+        parse(text, Path::new("t.conf"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|d| (d.name, d.args.into_iter().map(|a| a.value).collect()))
+            .collect()
+    }
+
+    fn err(text: &str) -> (usize, String) {
+        let e = parse(text, Path::new("t.conf")).expect_err(text);
+        (e.line, e.message)
+    }
+
+    /// Imports `text` (no includes) and validates the result.
+    fn convert(text: &str) -> (Import, crate::config::Config) {
+        let imp = import_str(text, Path::new("/etc/nginx/nginx.conf"), &MemFs::new()).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = crate::config::load_str(&imp.toml, Path::new("/tmp/out.toml"))
+            .unwrap_or_else(|e| panic!("output does not validate:\n{e}\n---\n{}", imp.toml));
+        (imp, cfg)
+    }
+
+    fn has(imp: &Import, level: Level, line: usize, needle: &str) -> bool {
+        imp.notes.iter().any(|n| n.level == level && n.line == line && n.message.contains(needle))
+    }
+
+    fn http(body: &str) -> String {
+        format!("events {{}}\nhttp {{\n{body}\n}}\n")
+    }
+
+    #[test]
+    fn tokens_quotes_escapes_comments() {
+        let d = words("a \"b c\" 'd\\'e' f\\ g \"t\\tn\\n\\\"q\\\\\" \\x; # comment ; {\nb ${var}x ${a}b c#d x};\n");
+        assert_eq!(d[0].0, "a");
+        assert_eq!(d[0].1, ["b c", "d'e", "f\\ g", "t\tn\n\"q\\", "\\x"]);
+        assert_eq!(d[1], ("b".to_string(), vec!["${var}x".to_string(), "${a}b".into(), "c#d".into(), "x}".into()]));
+        let parsed = parse("x '';\n", Path::new("t")).unwrap();
+        assert!(parsed[0].args[0].quoted && parsed[0].args[0].value.is_empty());
+        // `if ($a = "b")`: a quote may be followed by `)`.
+        assert_eq!(words("if ($a = \"b\") { }")[0].1, ["($a", "=", "b", ")"]);
+        // Lines are counted through quoted newlines and comments.
+        let ds = parse("# one\na \"x\ny\";\n\nb;\n", Path::new("t")).unwrap();
+        assert_eq!((ds[0].line, ds[1].line), (2, 5));
+    }
+
+    #[test]
+    fn blocks_nest() {
+        let ds = parse("http { server { listen 80; location / { proxy_pass http://x; } } }", Path::new("t")).unwrap();
+        let server = &ds[0].children()[0];
+        assert_eq!(server.name, "server");
+        assert_eq!(server.children()[1].children()[0].arg(0), Some("http://x"));
+    }
+
+    #[test]
+    fn lua_blocks_are_skipped() {
+        let ds = parse(
+            "location / {\n content_by_lua_block {\n  local s = \"}\" -- }\n  local t = [[ { ]]\n  if x then ngx.say('{') end\n }\n}\nnext;\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(ds.len(), 2);
+        assert_eq!(ds[1].name, "next");
+        assert_eq!(ds[1].line, 8);
+    }
+
+    #[test]
+    fn syntax_errors_are_located() {
+        let (line, msg) = err("http {\n  server {\n    listen 80;\n  }\n");
+        assert_eq!(line, 5, "{msg}");
+        assert!(msg.contains("\"http\" block opened on line 1 is not closed"), "{msg}");
+        let (line, msg) = err("http {\n}\n}\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("unexpected \"}\""), "{msg}");
+        let (line, msg) = err("upstream a {\n  keepalive 32\n}\n");
+        assert_eq!(line, 3);
+        assert!(msg.contains("missing \";\" after directive \"keepalive\" (line 2)"), "{msg}");
+        let (line, msg) = err("upstream a {\n  server 10.0.0.1:80\n  server 10.0.0.2:80;\n}\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("missing \";\" at the end of line 2"), "{msg}");
+        let (line, msg) = err("a;\nb \"open\n\n;\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("unterminated quoted string"), "{msg}");
+        let (line, msg) = err("x;\nkeepalive 1");
+        assert_eq!(line, 2);
+        assert!(msg.contains("unexpected end of file"), "{msg}");
+        assert_eq!(err(";").0, 1);
+        assert_eq!(err("\n{").0, 2);
+        let (line, msg) = err("a \"b\"c;");
+        assert_eq!(line, 1);
+        assert!(msg.contains("after a quoted string"), "{msg}");
+        let deep = "a {".repeat(MAX_DEPTH + 1);
+        assert!(err(&deep).1.contains("nested"));
+    }
+
+    #[test]
+    fn includes_glob_relative_to_the_conf_prefix() {
+        let fs = MemFs::new()
+            .with("/etc/nginx/conf.d/b.conf", "upstream b { server 10.0.0.2:80; }\n")
+            .with("/etc/nginx/conf.d/a.conf", "upstream a { include snippets/servers.conf; }\n")
+            .with("/etc/nginx/conf.d/.hidden.conf", "broken {\n")
+            .with("/etc/nginx/conf.d/notes.txt", "broken {\n")
+            .with("/etc/nginx/snippets/servers.conf", "server 10.0.0.1:80;\n")
+            .with("/etc/nginx/sites/x/site.conf", "server { listen 8080; location / { proxy_pass http://a; } }\n")
+            .with("/etc/nginx/sites/y/other.conf", "broken {\n");
+        let main = "events {}\nhttp {\n  include conf.d/*.conf;\n  include /etc/nginx/sites/*/site.conf;\n  include missing/*.conf;\n}\n";
+        let imp = import_str(main, Path::new("/etc/nginx/nginx.conf"), &fs).unwrap_or_else(|e| panic!("{e}"));
+        let a = imp.toml.find("[upstream.a]").expect(&imp.toml);
+        let b = imp.toml.find("[upstream.b]").expect(&imp.toml);
+        assert!(a < b, "glob order is sorted:\n{}", imp.toml);
+        assert!(imp.toml.contains("{ addr = \"10.0.0.1:80\" },  # snippets/servers.conf:1"), "{}", imp.toml);
+        assert!(imp.toml.contains("# sites/x/site.conf:1 (server)"), "{}", imp.toml);
+        assert!(has(&imp, Level::Warning, 5, "matches no file"), "{:#?}", imp.notes);
+
+        // A missing plain include is an error at the include's file and line.
+        let fs = MemFs::new().with("/etc/nginx/conf.d/a.conf", "# a\n\ninclude nope.conf;\n");
+        let e = import_str("http {\ninclude conf.d/a.conf;\n}\n", Path::new("/etc/nginx/nginx.conf"), &fs).unwrap_err();
+        assert_eq!((e.file.as_path(), e.line), (Path::new("/etc/nginx/conf.d/a.conf"), 3), "{e}");
+        assert!(e.message.contains("nope.conf"), "{e}");
+        // A syntax error inside an included file names that file.
+        let fs = MemFs::new().with("/etc/nginx/bad.conf", "ok;\nupstream x {\n");
+        let e = import_str("include bad.conf;\n", Path::new("/etc/nginx/nginx.conf"), &fs).unwrap_err();
+        assert_eq!(e.file, Path::new("/etc/nginx/bad.conf"));
+        assert_eq!(e.line, 3);
+        // Self-inclusion stops.
+        let fs = MemFs::new().with("/etc/nginx/loop.conf", "include loop.conf;\n");
+        let e = import_str("include loop.conf;\n", Path::new("/etc/nginx/nginx.conf"), &fs).unwrap_err();
+        assert!(e.message.contains("nested more than"), "{e}");
+        // mime.types is optional.
+        let imp = import_str("http { include mime.types; }", Path::new("/etc/nginx/nginx.conf"), &MemFs::new()).unwrap();
+        assert!(has(&imp, Level::Warning, 1, "mime.types"));
+        // A closure file system reads plain includes; its globs report that they cannot list.
+        let read = |p: &Path| -> io::Result<String> {
+            if p == Path::new("/x/inc.conf") {
+                Ok("upstream u { server 10.0.0.1:80; }".into())
+            } else {
+                Err(io::ErrorKind::NotFound.into())
+            }
+        };
+        let imp = import_str("http { include inc.conf; include d/*.conf; }", Path::new("/x/nginx.conf"), &read).unwrap();
+        assert!(imp.toml.contains("[upstream.u]"));
+        assert!(has(&imp, Level::Warning, 1, "cannot list"), "{:#?}", imp.notes);
+    }
+
+    #[test]
+    fn wildcards() {
+        for (p, n, ok) in [
+            ("*.conf", "a.conf", true),
+            ("*.conf", "a.confx", false),
+            ("a?c", "abc", true),
+            ("[ab]*", "bee", true),
+            ("[!ab]*", "bee", false),
+            ("[a-c]x", "bx", true),
+            ("*", "", true),
+            ("*a*b", "xxaYYb", true),
+            ("[", "[", true),
+            ("x[", "x", false),
+        ] {
+            assert_eq!(wildcard_match(p, n), ok, "{p} vs {n}");
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(nginx_time_ms("30"), Some(30_000));
+        assert_eq!(nginx_time_ms("10s"), Some(10_000));
+        assert_eq!(nginx_time_ms("500ms"), Some(500));
+        assert_eq!(nginx_time_ms("1m30s"), Some(90_000));
+        assert_eq!(nginx_time_ms("1h 30m"), Some(5_400_000));
+        assert_eq!(nginx_time_ms("7d"), Some(604_800_000));
+        assert_eq!(nginx_time_ms("1y"), Some(365 * 86_400_000));
+        assert_eq!(nginx_time_ms("x"), None);
+        assert_eq!(nginx_time_ms(""), None);
+        assert_eq!(nginx_time_ms("99999999999999999999999y"), None);
+        assert_eq!(fmt_ms(3_600_000), "1h");
+        assert_eq!(fmt_ms(90_000), "90s");
+        assert_eq!(fmt_ms(1500), "1500ms");
+        assert_eq!(fmt_ms(0), "0ms");
+        for ms in [1, 999, 1000, 61_000, 86_400_000, 90_061_001] {
+            assert_eq!(crate::config::parse_duration(&fmt_ms(ms)).unwrap().as_millis() as u64, ms);
+        }
+    }
+
+    #[test]
+    fn hash_keys() {
+        let k = |raw: &str| hash_key(raw, false).map(|(k, c)| (k, c.is_some()));
+        assert_eq!(k("$remote_addr"), Ok(("ip".into(), false)));
+        assert_eq!(k("$binary_remote_addr"), Ok(("ip".into(), true)));
+        assert_eq!(k("$cookie_session"), Ok(("cookie:session".into(), false)));
+        assert_eq!(k("$http_x_user_id"), Ok(("header:X-User-Id".into(), false)));
+        assert_eq!(k("${arg_user}"), Ok(("query:user".into(), false)));
+        assert_eq!(k("$request_uri"), Ok(("path".into(), true)));
+        assert_eq!(k("$uri"), Ok(("path".into(), true)));
+        assert!(k("$host$request_uri").unwrap_err().contains("not a single variable"));
+        assert!(k("$scheme").unwrap_err().contains("no tidegate equivalent"));
+        assert!(hash_key("$cookie_x", true).unwrap_err().contains("TCP"));
+        assert_eq!(hash_key("$remote_addr", true).unwrap().0, "ip");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(server_addr("10.0.0.1:80", Some(80)), Ok(("10.0.0.1:80".into(), false)));
+        assert_eq!(server_addr("10.0.0.1", Some(80)), Ok(("10.0.0.1:80".into(), true)));
+        assert_eq!(server_addr("[::1]:9000", Some(80)), Ok(("[::1]:9000".into(), false)));
+        assert_eq!(server_addr("[::1]", Some(80)), Ok(("[::1]:80".into(), true)));
+        assert_eq!(server_addr("app.internal:8080", Some(80)), Ok(("app.internal:8080".into(), true)));
+        assert!(server_addr("10.0.0.1", None).is_err());
+        assert!(server_addr("a b:1", Some(80)).is_err());
+        assert!(server_addr("10.0.0.1:0", Some(80)).is_err());
+        assert_eq!(listen_addr("80").unwrap().0, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(listen_addr("*:8080").unwrap().0, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(listen_addr("[::]:443").unwrap().0, "[::]:443".parse().unwrap());
+        assert_eq!(listen_addr("127.0.0.1").unwrap().0, "127.0.0.1:80".parse().unwrap());
+        assert!(listen_addr("localhost:81").unwrap().1.is_some());
+        assert!(listen_addr("example.com:80").is_err());
+    }
+
+    #[test]
+    fn variables_split() {
+        assert_eq!(variables("a$b${c}d$"), [Part::Text("a".into()), Part::Var("b".into()), Part::Var("c".into()), Part::Text("d$".into())]);
+        assert_eq!(single_var("${x}"), Some("x".into()));
+        assert_eq!(single_var("$x$y"), None);
+        assert!(!has_vars("${unclosed"));
+    }
+
+    #[test]
+    fn upstream_parameters_and_methods() {
+        let (imp, cfg) = convert(&http(
+            "upstream a {\n  least_conn;\n  server 10.0.0.1:80 weight=3 max_fails=2 fail_timeout=30s max_conns=100;\n  server 10.0.0.2:80 backup;\n  server 10.0.0.3:80 down;\n  server 10.0.0.4:80 drain slow_start=30s route=x;\n  keepalive 8;\n  zone z 64k;\n}\nupstream b { ip_hash; server 10.0.0.1:80; server 10.0.0.2:80 weight=2; }\nupstream c { hash $arg_user consistent; server 10.0.0.1:80; server 10.0.0.2:80; }\nupstream d { random two least_conn; server 10.0.0.1:80; server 10.0.0.2:80; }\nupstream e { random; server 10.0.0.1:80; server 10.0.0.2:80; }\nupstream f { hash $http_x_user; server 10.0.0.1:80; server 10.0.0.2:80; }\nupstream g { hash $host$uri; server 10.0.0.1:80; }\nserver { listen 8080; location / { proxy_pass http://a; proxy_set_header Host $host; } }",
+        ));
+        use crate::config::{Balance, HashKey, IpHashMode};
+        let a = cfg.upstream("a").unwrap();
+        assert_eq!(a.balance, Balance::LeastConn);
+        assert_eq!(a.keepalive, 8);
+        let s = &a.servers[0];
+        assert_eq!((s.weight.get(), s.max_fails, s.max_conns, s.fail_timeout.as_secs()), (3, 2, 100, 30));
+        assert!(a.servers[1].backup && a.servers[2].down && a.servers[3].down);
+        assert!(has(&imp, Level::Warning, 8, "`drain` becomes down = true"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Warning, 8, "slow_start"));
+        assert!(has(&imp, Level::Warning, 8, "route=x ignored"));
+        assert!(has(&imp, Level::Converted, 10, "zone"), "{:#?}", imp.notes);
+        assert_eq!(cfg.upstream("b").unwrap().balance, Balance::IpHash(IpHashMode::Nginx));
+        match &cfg.upstream("c").unwrap().balance {
+            Balance::Hash(h) => assert_eq!((&h.key, h.bounded_load), (&HashKey::Query("user".into()), 0.0)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(cfg.upstream("d").unwrap().balance, Balance::P2c);
+        assert_eq!(cfg.upstream("e").unwrap().balance, Balance::RoundRobin);
+        assert!(has(&imp, Level::Warning, 15, "round_robin"), "{:#?}", imp.notes);
+        match &cfg.upstream("f").unwrap().balance {
+            Balance::Hash(h) => assert_eq!(h.key, HashKey::Header("x-user".into())),
+            other => panic!("{other:?}"),
+        }
+        assert!(has(&imp, Level::Warning, 16, "tidegate hashes consistently"));
+        assert_eq!(cfg.upstream("g").unwrap().balance, Balance::RoundRobin);
+        assert!(has(&imp, Level::Unsupported, 17, "not a single variable"));
+        assert!(!imp.complete());
+    }
+
+    #[test]
+    fn sticky_dialects() {
+        let (imp, cfg) = convert(&http(
+            "upstream plus { server 10.0.0.1:80; server 10.0.0.2:80; sticky cookie srv_id expires=1h domain=.example.com path=/app httponly secure samesite=strict; }\nupstream ng { least_conn; sticky name=route_id expires=2h hash=sha1; server 10.0.0.1:80; server 10.0.0.2:80; }\nupstream route { sticky route $a $b; server 10.0.0.1:80; }\nserver { listen 8080; location / { proxy_pass http://plus; proxy_set_header Host $host; } }",
+        ));
+        use crate::config::{Balance, Fallback, SameSite};
+        let Balance::Cookie(c) = &cfg.upstream("plus").unwrap().balance else { panic!() };
+        assert_eq!(c.name, "srv_id");
+        assert_eq!(c.max_age, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!((c.domain.as_deref(), c.path.as_str(), c.same_site), (Some("example.com"), "/app", SameSite::Strict));
+        assert_eq!(c.fallback, Fallback::RoundRobin);
+        let Balance::Cookie(c) = &cfg.upstream("ng").unwrap().balance else { panic!() };
+        assert_eq!((c.name.as_str(), c.fallback), ("route_id", Fallback::LeastConn));
+        assert!(has(&imp, Level::Unsupported, 5, "sticky route"), "{:#?}", imp.notes);
+    }
+
+    #[test]
+    fn locations_hosts_and_default_server() {
+        let (imp, cfg) = convert(&http(
+            "upstream api { server 10.0.0.1:80; }\nupstream web { server 10.0.0.2:80; }\nupstream ws { server 10.0.0.3:80; }\n\
+             server { listen 80; server_name web.example.com; location / { proxy_pass http://web; } location /static/ { root /srv; } }\n\
+             server { listen 80 default_server; server_name api.example.com;\n  location /v1/ { proxy_pass http://api; }\n  location = /health { proxy_pass http://api; }\n  location /v1/ws { proxy_pass http://ws; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"; proxy_read_timeout 1d; }\n  location ~ \\.php$ { return 403; }\n  location / { proxy_pass http://10.0.0.9:8080; }\n}\n\
+             server { listen 80; server_name *.example.com; location / { proxy_pass http://web; } }",
+        ));
+        let l = &cfg.listeners[0];
+        let routes: Vec<(Option<String>, Option<String>, String)> = l
+            .routes
+            .iter()
+            .map(|r| {
+                let host = r.host.as_ref().map(|h| match h {
+                    crate::config::HostMatch::Exact(e) => e.clone(),
+                    crate::config::HostMatch::Wildcard(w) => format!("*{w}"),
+                });
+                (host, r.path_prefix.clone(), cfg.upstreams[r.upstream].name.clone())
+            })
+            .collect();
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            routes,
+            [
+                (s("web.example.com"), None, "web".to_string()),
+                (s("api.example.com"), s("/health"), "api".into()),
+                (s("api.example.com"), s("/v1/ws"), "ws".into()),
+                (s("api.example.com"), s("/v1/"), "api".into()),
+                (s("api.example.com"), None, "10.0.0.9-8080".into()),
+                (s("*.example.com"), None, "web".into()),
+                (None, s("/health"), "api".into()),
+                (None, s("/v1/ws"), "ws".into()),
+                (None, s("/v1/"), "api".into()),
+                (None, None, "10.0.0.9-8080".into()),
+            ],
+            "{}",
+            imp.toml
+        );
+        assert_eq!(cfg.upstream("ws").unwrap().timeouts.tunnel_idle.as_secs(), 86_400);
+        assert!(has(&imp, Level::Unsupported, 6, "does not proxy (serves files)"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Unsupported, 11, "regex location"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Warning, 9, "exact match"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Converted, 10, "WebSocket idiom"), "{:#?}", imp.notes);
+    }
+
+    #[test]
+    fn uri_rewriting_and_variable_targets_are_unsupported() {
+        let (imp, _) = convert(&http(
+            "upstream a { server 10.0.0.1:80; }\nserver { listen 80;\n location /api/ { proxy_pass http://a/; }\n location /b/ { proxy_pass http://$x; }\n location / { proxy_pass http://a/; }\n}",
+        ));
+        assert!(has(&imp, Level::Unsupported, 5, "URI part"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Unsupported, 6, "variables"));
+        assert!(imp.toml.contains("upstream = \"a\""));
+    }
+
+    #[test]
+    fn tls_listener_and_upstream_tls() {
+        let dir = std::env::temp_dir().join(format!("tidegate-nginx-unit-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let ck = rcgen::generate_simple_self_signed(vec!["a.example.com".to_string()]).unwrap();
+        std::fs::write(dir.join("a.crt"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.join("a.key"), ck.signing_key.serialize_pem()).unwrap();
+        let text = http(
+            "ssl_protocols TLSv1 TLSv1.1 TLSv1.2;\nupstream a { server 10.0.0.1:443; }\nserver { listen 443 ssl; server_name a.example.com; ssl_certificate a.crt; ssl_certificate_key a.key;\n location / { proxy_pass https://a; proxy_ssl_verify off; proxy_set_header Host $host; } }",
+        );
+        let imp = import_str(&text, &dir.join("nginx.conf"), &MemFs::new()).unwrap();
+        let cfg = crate::config::load_str(&imp.toml, &dir.join("out.toml")).unwrap_or_else(|e| panic!("{e}\n{}", imp.toml));
+        let tls = cfg.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.certificates.len(), 1);
+        assert!(tls.certificates[0].default);
+        assert_eq!(tls.min_version, crate::config::TlsVersion::V1_2);
+        assert!(has(&imp, Level::Warning, 3, "TLSv1, TLSv1.1 not supported"), "{:#?}", imp.notes);
+        let up = cfg.upstream("a").unwrap().tls.as_ref().unwrap();
+        assert!(!up.verify);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stream_tcp_and_passthrough() {
+        let (imp, cfg) = convert(
+            "stream {\n map $ssl_preread_server_name $b { hostnames; a.example.com up_a; *.example.com up_b; ~^x up_a; default up_b; }\n upstream up_a { server 10.0.0.1:443; }\n upstream up_b { hash $remote_addr consistent; server 10.0.0.2:443; server 10.0.0.3:443; }\n server { listen 443; ssl_preread on; proxy_pass $b; }\n server { listen 5000; proxy_pass 10.0.0.5:5000; proxy_protocol on; proxy_timeout 30s; }\n server { listen 53 udp; proxy_pass 10.0.0.6:53; }\n}\n",
+        );
+        use crate::config::ListenerMode;
+        let tls = cfg.listeners.iter().find(|l| l.mode == ListenerMode::TlsPassthrough).unwrap();
+        assert_eq!(tls.routes.len(), 3);
+        assert!(tls.routes[2].sni.is_none());
+        let tcp = cfg.listeners.iter().find(|l| l.mode == ListenerMode::Tcp).unwrap();
+        let up = &cfg.upstreams[tcp.routes[0].upstream];
+        assert_eq!(up.send_proxy, Some(crate::config::SendProxy::V1));
+        assert_eq!(up.timeouts.tunnel_idle.as_secs(), 30);
+        assert!(has(&imp, Level::Unsupported, 2, "regex SNI key"), "{:#?}", imp.notes);
+        assert!(has(&imp, Level::Unsupported, 7, "UDP"), "{:#?}", imp.notes);
+    }
+
+    #[test]
+    fn listener_settings() {
+        let (imp, cfg) = convert(&http(
+            "keepalive_timeout 65;\nclient_header_timeout 20s;\nclient_body_timeout 2m;\nunderscores_in_headers on;\nset_real_ip_from 10.0.0.0/8;\nreal_ip_header X-Forwarded-For;\nupstream a { server 10.0.0.1:80; }\nserver { listen 127.0.0.1:8080 proxy_protocol; location / { proxy_pass http://a; proxy_next_upstream error timeout http_502; proxy_next_upstream_tries 2; proxy_connect_timeout 3s; } }",
+        ));
+        let l = &cfg.listeners[0];
+        assert_eq!(l.timeouts.keepalive_idle.as_secs(), 65);
+        assert_eq!(l.timeouts.header_read.as_secs(), 20);
+        assert_eq!((l.timeouts.body.as_secs(), l.timeouts.body_min_rate), (120, 0));
+        assert_eq!(l.header_underscores, crate::config::Underscores::Allow);
+        assert!(l.accept_proxy);
+        assert_eq!(l.trusted_proxies.len(), 1);
+        let a = cfg.upstream("a").unwrap();
+        assert_eq!((a.tries, a.timeouts.connect.as_secs()), (2, 3));
+        assert_eq!(a.fail_on.statuses, [502]);
+        assert!(imp.notes.iter().any(|n| n.message.contains("Host")), "{:#?}", imp.notes);
+    }
+
+    #[test]
+    fn upstream_check_module() {
+        let (_, cfg) = convert(&http(
+            "upstream a { server 10.0.0.1:80; check interval=3000 rise=2 fall=5 timeout=1000 type=http; check_http_send \"GET /ping HTTP/1.0\\r\\nHost: svc\\r\\n\\r\\n\"; check_http_expect_alive http_2xx; }\nserver { listen 80; location / { proxy_pass http://a; } }",
+        ));
+        let h = cfg.upstream("a").unwrap().health.as_ref().unwrap();
+        assert_eq!((h.path.as_str(), h.host.as_deref(), h.rise, h.fall), ("/ping", Some("svc"), 2, 5));
+        assert_eq!((h.interval.as_millis(), h.timeout.as_millis()), (3000, 1000));
+        assert!(h.expect.is_empty());
+    }
+
+    #[test]
+    fn fixtures_convert_and_every_prefix_is_handled() {
+        for (name, text) in [
+            ("websocket.conf", include_str!("../../tests/fixtures/nginx/websocket.conf")),
+            ("stream.conf", include_str!("../../tests/fixtures/nginx/stream.conf")),
+            ("sticky-check.conf", include_str!("../../tests/fixtures/nginx/sticky-check.conf")),
+            ("upstream-docs.conf", include_str!("../../tests/fixtures/nginx/upstream-docs.conf")),
+        ] {
+            let path = Path::new("/etc/nginx").join(name);
+            let full = import_str(text, &path, &MemFs::new()).unwrap_or_else(|e| panic!("{e}"));
+            assert!(toml::from_str::<toml::Table>(&full.toml).is_ok(), "{}", full.toml);
+            for (i, _) in text.char_indices().step_by(7) {
+                match import_str(&text[..i], &path, &MemFs::new()) {
+                    Ok(imp) => assert!(toml::from_str::<toml::Table>(&imp.toml).is_ok(), "{name} prefix {i}:\n{}", imp.toml),
+                    Err(e) => assert!(!e.message.is_empty()),
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+        /// Random sequences of nginx-ish words and punctuation: parse and convert without
+        /// panicking, and any output is valid TOML.
+        #[test]
+        fn random_configs_never_panic(words in proptest::collection::vec(proptest::sample::select(VOCAB), 0..120)) {
+            let text = words.join(" ");
+            let fs = MemFs::new().with("/n/x.conf", "upstream x { server 10.0.0.9:80; }").with("/n/d/a.conf", "server { listen 81; location / { proxy_pass http://x; } }");
+            if let Ok(imp) = import_str(&text, Path::new("/n/nginx.conf"), &fs) {
+                proptest::prop_assert!(toml::from_str::<toml::Table>(&imp.toml).is_ok(), "{}\n{}", text, imp.toml);
+                let _ = imp.report();
+            }
+        }
+    }
+
+    const VOCAB: &[&str] = &[
+        "http",
+        "stream",
+        "events",
+        "server",
+        "upstream",
+        "a",
+        "x",
+        "location",
+        "if",
+        "map",
+        "listen",
+        "80",
+        "[::]:80",
+        "127.0.0.1:8080",
+        "443",
+        "ssl",
+        "default_server",
+        "proxy_protocol",
+        "udp",
+        "server_name",
+        "*.a.com",
+        ".b.com",
+        "c.com",
+        "_",
+        "~^r",
+        "proxy_pass",
+        "http://a",
+        "http://x",
+        "https://10.0.0.1:1/",
+        "http://a/p",
+        "$x",
+        "10.0.0.1:80",
+        "10.0.0.2",
+        "[::1]:9",
+        "unix:/s",
+        "weight=2",
+        "max_fails=0",
+        "fail_timeout=0",
+        "backup",
+        "down",
+        "drain",
+        "max_conns=3",
+        "ip_hash",
+        "least_conn",
+        "hash",
+        "$remote_addr",
+        "$arg_u",
+        "$cookie_c",
+        "$http_x_y",
+        "$request_uri",
+        "consistent",
+        "random",
+        "two",
+        "sticky",
+        "cookie",
+        "name=n",
+        "expires=max",
+        "route",
+        "check",
+        "type=http",
+        "interval=100",
+        "timeout=9000",
+        "check_http_send",
+        "\"HEAD / HTTP/1.0\\r\\n\\r\\n\"",
+        "check_http_expect_alive",
+        "http_3xx",
+        "keepalive",
+        "zone",
+        "{",
+        "}",
+        ";",
+        ";",
+        ";",
+        "}",
+        "{",
+        "\"q\"",
+        "'s'",
+        "\\",
+        "#c\n",
+        "\n",
+        "=",
+        "^~",
+        "~",
+        "/",
+        "/p",
+        "/p/",
+        "@n",
+        "return",
+        "301",
+        "root",
+        "ssl_certificate",
+        "ssl_certificate_key",
+        "c.pem",
+        "ssl_protocols",
+        "TLSv1.3",
+        "proxy_set_header",
+        "Upgrade",
+        "$http_upgrade",
+        "Connection",
+        "upgrade",
+        "Host",
+        "$host",
+        "proxy_read_timeout",
+        "1h",
+        "proxy_connect_timeout",
+        "0",
+        "proxy_timeout",
+        "proxy_next_upstream",
+        "off",
+        "http_502",
+        "proxy_next_upstream_tries",
+        "3",
+        "include",
+        "x.conf",
+        "d/*.conf",
+        "nope.conf",
+        "hostnames",
+        "default",
+        "$ssl_preread_server_name",
+        "ssl_preread",
+        "on",
+        "set_real_ip_from",
+        "10.0.0.0/8",
+        "keepalive_timeout",
+        "health_check",
+        "content_by_lua_block",
+        "worker_shutdown_timeout",
+        "30s",
+        "client_body_timeout",
+        "underscores_in_headers",
+    ];
+
+    #[test]
+    fn odd_inputs_do_not_panic() {
+        for text in [
+            "",
+            "}",
+            "{",
+            "\\",
+            "\"",
+            "'",
+            "a \\",
+            "http { server { listen; location; location = { } proxy_pass; } }",
+            "http { upstream { } upstream a b { } upstream c { server; server unix:/x; hash; random x; sticky; check type=; } }",
+            "http { server { listen unix:/x; listen [::1; listen 99999; server_name ~x *.; location @x { proxy_pass http://a; } } }",
+            "stream { server { listen 1; proxy_pass $x; } server { proxy_pass a; } map $a $b { } }",
+            "http { map $a { } server { location / { proxy_pass https://[::1]:1/; proxy_pass http://:; } } }",
+            "http { server { location / { proxy_pass http://a:99999; } } server { listen 80 ssl; location / { proxy_pass http://10.0.0.1; } } }",
+            "stream { map $ssl_preread_server_name $x { hostnames; .a x.*; } server { listen 1; proxy_pass $x; } }",
+            "content_by_lua_block { [=[ ",
+            "x ${",
+            "a $;",
+        ] {
+            if let Ok(imp) = import_str(text, Path::new("/n/nginx.conf"), &MemFs::new()) {
+                assert!(toml::from_str::<toml::Table>(&imp.toml).is_ok(), "{text}\n{}", imp.toml);
+                let _ = imp.report();
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod scratch {
+    use super::*;
+    struct R(u64);
+    impl R {
+        fn n(&mut self, m: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % m
+        }
+        fn pick<'a>(&mut self, v: &[&'a str]) -> &'a str {
+            v[self.n(v.len() as u64) as usize]
+        }
+        fn some(&mut self, v: &[&str], max: u64) -> String {
+            let k = self.n(max + 1);
+            (0..k).map(|_| self.pick(v).to_string()).collect::<Vec<_>>().join(" ")
+        }
+    }
+    fn generate(r: &mut R) -> String {
+        let mut t = String::from("events {}\nhttp {\n");
+        let ups = ["u1", "u2", "u3"];
+        let http_dirs = [
+            "keepalive_timeout 65;",
+            "client_header_timeout 0;",
+            "set_real_ip_from 10.0.0.0/8;",
+            "real_ip_header X-Real-IP;",
+            "proxy_read_timeout 10s;",
+            "proxy_set_header Host $host;",
+            "ssl_protocols TLSv1.3;",
+            "underscores_in_headers on;",
+            "client_body_timeout 5s;",
+            "map $http_upgrade $cu { default upgrade; }",
+        ];
+        t += &r.some(&http_dirs, 3);
+        t += "\n";
+        for u in ups {
+            if r.n(4) == 0 {
+                continue;
+            }
+            t += &format!(
+                "upstream {u} {{ {} ",
+                r.some(
+                    &[
+                        "least_conn;",
+                        "ip_hash;",
+                        "hash $remote_addr consistent;",
+                        "hash $arg_a;",
+                        "random;",
+                        "random two;",
+                        "keepalive 4;",
+                        "zone z 1m;",
+                        "sticky cookie s expires=1h;",
+                        "sticky name=r;",
+                        "check interval=100 timeout=500 type=http;",
+                        "check_http_expect_alive http_4xx;"
+                    ],
+                    3
+                )
+            );
+            for k in 0..r.n(4) {
+                t += &format!(
+                    "server {} {}; ",
+                    r.pick(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3", "[::1]:8080", "unix:/s", "10.0.0.1:80"]),
+                    r.some(
+                        &[
+                            "weight=2",
+                            "backup",
+                            "down",
+                            "drain",
+                            "max_conns=1",
+                            "max_fails=0",
+                            "fail_timeout=0",
+                            "slow_start=1s",
+                            "route=z"
+                        ],
+                        2
+                    )
+                );
+                let _ = k;
+            }
+            t += "}\n";
+        }
+        for _ in 0..r.n(5) {
+            t += "server { ";
+            for _ in 0..r.n(3) {
+                t += &format!(
+                    "listen {} {}; ",
+                    r.pick(&["80", "[::]:80", "127.0.0.1:80", "8080", "[::1]:80", "81"]),
+                    r.some(&["default_server", "proxy_protocol", "http2", "reuseport"], 2)
+                );
+            }
+            if r.n(2) == 0 {
+                t += &format!("server_name {}; ", r.some(&["a.com", "*.a.com", ".b.com", "_", "c.com", "~x", "d.*", "A.COM"], 3));
+            }
+            t += &r.some(
+                &[
+                    "return 301 /;",
+                    "proxy_read_timeout 1m;",
+                    "proxy_connect_timeout 2s;",
+                    "keepalive_timeout 0;",
+                    "client_header_timeout 3s;",
+                ],
+                1,
+            );
+            for _ in 0..r.n(4) {
+                let path = r.pick(&["/", "/a", "/a/", "= /a", "= /", "^~ /b", "~ x", "@n", "/a/b"]);
+                t += &format!("location {path} {{ ");
+                if r.n(4) != 0 {
+                    t += &format!(
+                        "proxy_pass {}; ",
+                        r.pick(&[
+                            "http://u1",
+                            "http://u2",
+                            "http://u3",
+                            "http://10.0.0.9:80",
+                            "https://u1",
+                            "http://u1/",
+                            "http://[::1]:81",
+                            "http://localhost:99"
+                        ])
+                    );
+                }
+                t += &r.some(
+                    &[
+                        "proxy_set_header Upgrade $http_upgrade;",
+                        "proxy_set_header Connection $cu;",
+                        "proxy_read_timeout 1h;",
+                        "proxy_send_timeout 2h;",
+                        "proxy_next_upstream error http_503;",
+                        "proxy_next_upstream off;",
+                        "proxy_next_upstream_tries 2;",
+                        "proxy_connect_timeout 1s;",
+                        "root /x;",
+                        "health_check;",
+                        "if ($a) { return 1; }",
+                        "location /a/b/c { proxy_pass http://u2; }",
+                    ],
+                    3,
+                );
+                t += "} ";
+            }
+            t += "}\n";
+        }
+        t += "}\n";
+        if r.n(2) == 0 {
+            t += "stream { map $ssl_preread_server_name $m { hostnames; a.com s1; *.b.com 10.0.0.7:443; default s2; } upstream s1 { hash $remote_addr consistent; server 10.1.0.1:443; } upstream s2 { server 10.1.0.2:443; }";
+            for _ in 0..r.n(3) {
+                t += &format!(
+                    " server {{ listen {}; {} proxy_pass {}; {} }}",
+                    r.pick(&["443", "5000", "80", "[::]:443"]),
+                    r.pick(&["ssl_preread on;", "", "proxy_protocol on;"]),
+                    r.pick(&["$m", "s1", "10.0.0.5:5", "$q"]),
+                    r.some(&["proxy_timeout 1m;", "proxy_connect_timeout 1s;", "proxy_ssl on;"], 2)
+                );
+            }
+            t += " }\n";
+        }
+        t
+    }
+    #[test]
+    fn scratch_validate_random() {
+        let mut r = R(0x9e3779b97f4a7c15);
+        let mut fails = std::collections::BTreeMap::new();
+        let mut ok = 0;
+        for _ in 0..20000 {
+            let text = generate(&mut r);
+            let imp = match import_str(&text, Path::new("/n/nginx.conf"), &MemFs::new()) {
+                Ok(i) => i,
+                Err(e) => {
+                    println!("PARSE {e}\n{text}");
+                    continue;
+                }
+            };
+            if imp.toml.contains("\"localhost") {
+                continue;
+            }
+            match crate::config::load_str(&imp.toml, Path::new("/tmp/o.toml")) {
+                Err(e) => {
+                    for er in e.0 {
+                        let key: String = er.message.chars().take(40).collect();
+                        fails.entry(key).or_insert((text.clone(), imp.toml.clone(), er.message.clone()));
+                    }
+                }
+                Ok(_) => ok += 1,
+            }
+        }
+        for (k, (t, toml, m)) in &fails {
+            println!("=== {k}\n{m}\nINPUT: {t}\n{toml}");
+        }
+        println!("{} kinds, {ok} ok", fails.len());
     }
 }
