@@ -218,7 +218,11 @@ pub async fn watch(shared: Arc<Shared>, path: PathBuf, mut hup: Option<tokio::si
             _ = shared.shutdown.cancelled() => return,
             _ = async { hup.as_mut().expect("guarded").recv().await }, if hup.is_some() => {
                 tracing::info!("SIGHUP received: reloading {}", path.display());
-                let _ = reload_file(&shared, &path);
+                let t = Instant::now();
+                if reload_file(&shared, &path).is_ok() {
+                    // Signal to new config serving: parse, validation, bind, build, swap.
+                    tracing::info!(total_us = t.elapsed().as_micros() as u64, "reload serving");
+                }
                 write_status(&shared);
                 seen = fingerprint(&shared.runtime.load().config.watched_files());
                 pending = None;
