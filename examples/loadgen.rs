@@ -1,37 +1,62 @@
 //! Load generator and bench backends for `benches/compare.sh`, in one binary.
 //!
 //!     cargo run --release --example loadgen -- backend --addr 127.0.0.1:19101
+//!     cargo run --release --example loadgen -- backend-tcp --addr 127.0.0.1:19111
 //!     cargo run --release --example loadgen -- http --url http://127.0.0.1:8080/ -c 50 -d 5
 //!     cargo run --release --example loadgen -- ws-echo --url ws://127.0.0.1:8080/ -c 50 -s 64 -d 5
+//!     cargo run --release --example loadgen -- ws-echo --url wss://127.0.0.1:8443/ -c 50 -s 64 -d 5
 //!     cargo run --release --example loadgen -- ws-connect --url ws://127.0.0.1:8080/ -c 20 -d 5
 //!     cargo run --release --example loadgen -- ws-bulk --url ws://127.0.0.1:8080/ -s 16777216 -n 4
 //!     cargo run --release --example loadgen -- ws-idle --url ws://127.0.0.1:8080/ -n 1000 --hold 10 \
+//!         --sources 127.0.0.2-127.0.0.50
+//!     cargo run --release --example loadgen -- tls-handshake --addr 127.0.0.1:8443 -c 20 -d 5 \
+//!         --sni ecdsa.bench.test
+//!     cargo run --release --example loadgen -- tcp-bulk --addr 127.0.0.1:8090 -c 1 -b 268435456
+//!     cargo run --release --example loadgen -- tcp-idle --addr 127.0.0.1:8090 -n 1000 --hold 10 \
 //!         --sources 127.0.0.2-127.0.0.50
 //!
 //! Every load mode is bounded in count and time, stops by itself, and prints exactly one JSON
 //! line on stdout (progress and errors go to stderr). `backend` (aliases `backend-http`,
 //! `backend-ws`) answers every plain request with a 64-byte body and echoes WebSocket
-//! messages; it runs until killed. Targets and source addresses must be in 127.0.0.0/8.
+//! messages; `backend-tcp` echoes raw TCP bytes; both run until killed. Targets and source
+//! addresses must be in 127.0.0.0/8.
+//!
+//! TLS (`https://`, `wss://`, `tls-handshake`) is TLS 1.3 only, never resumes a session, offers
+//! one key-exchange group (`--kx`, X25519 by default, so that every server negotiates the
+//! same one) and accepts any server certificate: this is a bench tool pointed at self-signed
+//! test certificates. The handshake signature is still verified, so the server does its whole
+//! part of a full handshake. `--sni` sets the server name sent (default: none for an IP).
 //!
 //! The runtime gets one worker per CPU this process may run on (`taskset` is honoured); with
 //! one CPU it is a current-thread runtime.
 
 use std::convert::Infallible;
+use std::fmt;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpSocket, TcpStream};
+use rustls::client::Resumption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -47,6 +72,10 @@ const GRACE: Duration = Duration::from_secs(30);
 const MAX_WS_MESSAGE: usize = 256 << 20;
 /// Errors printed to stderr per run (the rest are only counted).
 const ERRORS_SHOWN: u64 = 5;
+/// Read and write size of the raw TCP modes and of the TCP echo backend.
+const TCP_CHUNK: usize = 64 << 10;
+/// The bytes sent (and expected back) by each `tcp-idle` connection before it goes idle.
+const TCP_PROBE: &[u8; 4] = b"ping";
 
 #[derive(Parser)]
 #[command(about = "tidegate bench load generator and backends (loopback only)")]
@@ -54,8 +83,23 @@ struct Cli {
     /// Runtime worker threads (default: the CPUs this process may run on).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// TLS: the server name to send (SNI); default none when the target is an IP address.
+    #[arg(long, global = true)]
+    sni: Option<String>,
+    /// TLS: the one key-exchange group offered.
+    #[arg(long, global = true, value_enum, default_value_t = Kx::X25519)]
+    kx: Kx,
     #[command(subcommand)]
     mode: Mode,
+}
+
+/// The key-exchange group a TLS client offers (one, so every server agrees on the same).
+#[derive(Clone, Copy, ValueEnum)]
+enum Kx {
+    X25519,
+    P256,
+    /// X25519MLKEM768 (post-quantum hybrid; OpenSSL before 3.5 does not have it).
+    X25519mlkem768,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +107,11 @@ enum Mode {
     /// HTTP/1.1 keep-alive server (64-byte body) and WebSocket echo; runs until killed.
     #[command(alias = "backend-http", alias = "backend-ws")]
     Backend {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+    /// Raw TCP echo server (every byte back, EOF passed on); runs until killed.
+    BackendTcp {
         #[arg(long)]
         addr: SocketAddr,
     },
@@ -78,7 +127,8 @@ enum Mode {
         #[arg(long)]
         sources: Option<String>,
     },
-    /// C WebSocket connections each sending a message and awaiting its echo, back to back.
+    /// C WebSocket connections (ws:// or wss://) each sending a message and awaiting its
+    /// echo, back to back.
     WsEcho {
         #[arg(long)]
         url: String,
@@ -125,6 +175,43 @@ enum Mode {
         #[arg(short = 'n', default_value_t = 4)]
         count: usize,
     },
+    /// C loops of TCP connect, full TLS 1.3 handshake (never resumed), close, for D seconds.
+    TlsHandshake {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(short = 'c', default_value_t = 20)]
+        conns: usize,
+        #[arg(short = 'd', default_value_t = 5.0)]
+        secs: f64,
+        #[arg(long)]
+        sources: Option<String>,
+    },
+    /// C raw TCP connections each sending BYTES and reading their echo back, concurrently.
+    TcpBulk {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(short = 'c', default_value_t = 1)]
+        conns: usize,
+        #[arg(short = 'b', default_value_t = 256 << 20)]
+        bytes: u64,
+        #[arg(long)]
+        sources: Option<String>,
+    },
+    /// N idle TCP connections (each echoes 4 bytes once) held for SECS; `READY` on stderr
+    /// once all are open.
+    TcpIdle {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(short = 'n', default_value_t = 1000)]
+        conns: usize,
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+        #[arg(long)]
+        sources: Option<String>,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+    },
 }
 
 fn main() {
@@ -139,20 +226,31 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => fail(&format!("cannot start the runtime: {e}")),
     };
+    let tls = TlsOpts { sni: cli.sni, kx: cli.kx };
     let line = rt.block_on(async move {
         match cli.mode {
             Mode::Backend { addr } => backend(addr).await,
-            Mode::Http { url, conns, secs, sources } => http(Target::parse(&url), conns.max(1), run_time(secs), sources_arg(sources)).await,
+            Mode::BackendTcp { addr } => backend_tcp(addr).await,
+            Mode::Http { url, conns, secs, sources } => {
+                http(Target::parse(&url, &tls), conns.max(1), run_time(secs), sources_arg(sources)).await
+            }
             Mode::WsEcho { url, conns, size, secs, sources } => {
-                ws_echo(Target::parse(&url), conns.max(1), size, run_time(secs), sources_arg(sources)).await
+                ws_echo(Target::parse(&url, &tls), conns.max(1), size, run_time(secs), sources_arg(sources)).await
             }
             Mode::WsIdle { url, conns, hold, sources, parallel } => {
-                ws_idle(Target::parse(&url), conns, run_time(hold), sources_arg(sources), parallel.max(1)).await
+                ws_idle(Target::parse(&url, &tls), conns, run_time(hold), sources_arg(sources), parallel.max(1)).await
             }
             Mode::WsConnect { url, conns, secs, sources } => {
-                ws_connect(Target::parse(&url), conns.max(1), run_time(secs), sources_arg(sources)).await
+                ws_connect(Target::parse(&url, &tls), conns.max(1), run_time(secs), sources_arg(sources)).await
             }
-            Mode::WsBulk { url, size, count } => ws_bulk(Target::parse(&url), size, count).await,
+            Mode::WsBulk { url, size, count } => ws_bulk(Target::parse(&url, &tls), size, count).await,
+            Mode::TlsHandshake { addr, conns, secs, sources } => {
+                tls_handshake(loopback(addr), &tls, conns.max(1), run_time(secs), sources_arg(sources)).await
+            }
+            Mode::TcpBulk { addr, conns, bytes, sources } => tcp_bulk(loopback(addr), conns.max(1), bytes, sources_arg(sources)).await,
+            Mode::TcpIdle { addr, conns, hold, sources, parallel } => {
+                tcp_idle(loopback(addr), conns, run_time(hold), sources_arg(sources), parallel.max(1)).await
+            }
         }
     });
     println!("{line}");
@@ -185,15 +283,18 @@ struct Target {
     path: String,
     /// The URL as given, for the WebSocket handshake.
     url: String,
+    /// `https://`, `wss://`: TLS first.
+    tls: Option<TlsClient>,
 }
 
 impl Target {
-    fn parse(url: &str) -> Target {
+    fn parse(url: &str, tls: &TlsOpts) -> Target {
         let uri: hyper::Uri = url.parse().unwrap_or_else(|e| fail(&format!("bad url {url:?}: {e}")));
         let scheme = uri.scheme_str().unwrap_or("");
-        let default_port = match scheme {
-            "http" | "ws" => 80,
-            _ => fail(&format!("url {url:?}: scheme must be http or ws (no TLS here)")),
+        let (default_port, secure) = match scheme {
+            "http" | "ws" => (80, false),
+            "https" | "wss" => (443, true),
+            _ => fail(&format!("url {url:?}: scheme must be http, https, ws or wss")),
         };
         let host = uri.host().unwrap_or_else(|| fail(&format!("url {url:?} has no host")));
         let ip: IpAddr = match host {
@@ -204,14 +305,25 @@ impl Target {
                 .parse()
                 .unwrap_or_else(|_| fail(&format!("url {url:?}: host must be an IP"))),
         };
-        if !ip.is_loopback() {
-            fail(&format!("url {url:?}: load goes to loopback (127.0.0.0/8) only"));
-        }
-        let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(default_port));
+        let addr = loopback(SocketAddr::new(ip, uri.port_u16().unwrap_or(default_port)));
         let authority = uri.authority().map_or_else(|| addr.to_string(), |a| a.to_string());
         let path = uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.to_string());
-        Target { addr, authority: HeaderValue::from_str(&authority).unwrap_or_else(|_| fail("bad authority")), path, url: url.to_string() }
+        Target {
+            addr,
+            authority: HeaderValue::from_str(&authority).unwrap_or_else(|_| fail("bad authority")),
+            path,
+            url: url.to_string(),
+            tls: secure.then(|| TlsClient::new(tls, addr.ip())),
+        }
     }
+}
+
+/// Refuses anything outside 127.0.0.0/8 (and ::1).
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    if !addr.ip().is_loopback() {
+        fail(&format!("{addr}: load goes to loopback (127.0.0.0/8) only"));
+    }
+    addr
 }
 
 /// `127.0.0.2-127.0.0.50` (inclusive) or one address; loopback only.
@@ -247,14 +359,26 @@ async fn tcp_connect(addr: SocketAddr, src: Option<IpAddr>) -> std::io::Result<T
     Ok(stream)
 }
 
+/// TCP connect, then the TLS handshake when the target has TLS.
+async fn connect(t: &Target, src: Option<IpAddr>) -> Result<Conn, String> {
+    let stream = tcp_connect(t.addr, src).await.map_err(|e| format!("connect {}: {e}", t.addr))?;
+    match &t.tls {
+        None => Ok(Conn::Tcp(stream)),
+        Some(tls) => {
+            let s = tls.connector.connect(tls.name.clone(), stream).await.map_err(|e| format!("TLS handshake {}: {e}", t.addr))?;
+            Ok(Conn::Tls(Box::new(s)))
+        }
+    }
+}
+
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().max_message_size(Some(MAX_WS_MESSAGE)).max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
-/// TCP connect and WebSocket handshake, within `OP_TIMEOUT`.
-async fn ws_open(t: &Target, src: Option<IpAddr>, cfg: WebSocketConfig) -> Result<WebSocketStream<TcpStream>, String> {
+/// TCP connect (and TLS) and WebSocket handshake, within `OP_TIMEOUT`.
+async fn ws_open(t: &Target, src: Option<IpAddr>, cfg: WebSocketConfig) -> Result<WebSocketStream<Conn>, String> {
     let open = async {
-        let stream = tcp_connect(t.addr, src).await.map_err(|e| format!("connect {}: {e}", t.addr))?;
+        let stream = connect(t, src).await?;
         let (ws, _) = tokio_tungstenite::client_async_with_config(t.url.as_str(), stream, Some(cfg))
             .await
             .map_err(|e| format!("handshake {}: {e}", t.url))?;
@@ -264,12 +388,156 @@ async fn ws_open(t: &Target, src: Option<IpAddr>, cfg: WebSocketConfig) -> Resul
 }
 
 /// Sends a close frame and waits (briefly) for the server's close and EOF.
-async fn ws_close(mut ws: WebSocketStream<TcpStream>) {
+async fn ws_close(mut ws: WebSocketStream<Conn>) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = ws.close(None).await;
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS client
+// ---------------------------------------------------------------------------------------------
+
+/// The TLS options shared by every mode (`--sni`, `--kx`).
+struct TlsOpts {
+    sni: Option<String>,
+    kx: Kx,
+}
+
+/// A TLS client for one target: the connector and the name it presents.
+#[derive(Clone)]
+struct TlsClient {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl TlsClient {
+    fn new(opts: &TlsOpts, ip: IpAddr) -> TlsClient {
+        let name = match &opts.sni {
+            Some(s) => ServerName::try_from(s.clone()).unwrap_or_else(|e| fail(&format!("bad --sni {s:?}: {e}"))),
+            None => ServerName::IpAddress(ip.into()),
+        };
+        TlsClient { connector: TlsConnector::from(tls_client_config(opts.kx)), name }
+    }
+}
+
+/// TLS 1.3 only, one key-exchange group, no session resumption, ALPN `http/1.1`, any
+/// certificate accepted (its handshake signature is still checked).
+fn tls_client_config(kx: Kx) -> Arc<ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![match kx {
+        Kx::X25519 => rustls::crypto::aws_lc_rs::kx_group::X25519,
+        Kx::P256 => rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+        Kx::X25519mlkem768 => rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+    }];
+    let provider = Arc::new(provider);
+    let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap_or_else(|e| fail(&format!("TLS client: {e}")))
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    cfg.resumption = Resumption::disabled();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// The signature scheme of the first server handshake signature seen (which key type the
+/// server used), for the report.
+static SIG_SCHEME: OnceLock<SignatureScheme> = OnceLock::new();
+
+/// Accepts any server certificate (self-signed test certificates); the handshake signature
+/// is verified as usual. The pattern of tidegate's `tls::NoVerify`.
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl fmt::Debug for AcceptAnyCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AcceptAnyCert")
+    }
+}
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let _ = SIG_SCHEME.set(d.scheme);
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let _ = SIG_SCHEME.set(d.scheme);
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client connection: plain TCP or TLS over TCP.
+enum Conn {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 static ERRORS_PRINTED: AtomicU64 = AtomicU64::new(0);
@@ -377,7 +645,7 @@ async fn http(t: Target, conns: usize, dur: Duration, sources: Arc<Vec<IpAddr>>)
 type HttpSender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 async fn http_conn(t: &Target, src: Option<IpAddr>) -> Result<HttpSender, String> {
-    let stream = tcp_connect(t.addr, src).await.map_err(|e| format!("connect {}: {e}", t.addr))?;
+    let stream = tokio::time::timeout(OP_TIMEOUT, connect(t, src)).await.map_err(|_| format!("connect {}: timed out", t.addr))??;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -460,7 +728,7 @@ async fn ws_echo(t: Target, conns: usize, size: usize, dur: Duration, sources: A
 }
 
 /// Sends `msg` and waits for a data message of the same length.
-async fn echo_once(ws: &mut WebSocketStream<TcpStream>, msg: Message, len: usize) -> Result<(), String> {
+async fn echo_once(ws: &mut WebSocketStream<Conn>, msg: Message, len: usize) -> Result<(), String> {
     ws.send(msg).await.map_err(|e| format!("send: {e}"))?;
     loop {
         match ws.next().await {
@@ -593,32 +861,87 @@ async fn ws_bulk(t: Target, size: usize, count: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// ws-idle
+// ws-idle, tcp-idle
 // ---------------------------------------------------------------------------------------------
 
 async fn ws_idle(t: Target, conns: usize, hold: Duration, sources: Arc<Vec<IpAddr>>, parallel: usize) -> String {
-    let start = Instant::now();
     let t = Arc::new(t);
+    // Small buffers: these connections only sit there.
+    let cfg = ws_config().read_buffer_size(4096).write_buffer_size(0);
+    hold_idle("ws-idle", conns, hold, parallel, move |i| {
+        let (t, src) = (t.clone(), pick_source(&sources, i));
+        async move {
+            let mut ws = ws_open(&t, src, cfg).await?;
+            // Resolves when the connection ends; pings and data are ignored.
+            Ok(async move {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                        Some(Ok(_)) => {}
+                    }
+                }
+            })
+        }
+    })
+    .await
+}
+
+async fn tcp_idle(addr: SocketAddr, conns: usize, hold: Duration, sources: Arc<Vec<IpAddr>>, parallel: usize) -> String {
+    hold_idle("tcp-idle", conns, hold, parallel, move |i| {
+        let src = pick_source(&sources, i);
+        async move {
+            // Connected through the proxy only once bytes came back: echo 4 bytes once.
+            let probe = async {
+                let mut s = tcp_connect(addr, src).await.map_err(|e| format!("connect {addr}: {e}"))?;
+                s.write_all(TCP_PROBE).await.map_err(|e| format!("probe write {addr}: {e}"))?;
+                let mut back = [0u8; TCP_PROBE.len()];
+                s.read_exact(&mut back).await.map_err(|e| format!("probe echo {addr}: {e}"))?;
+                if &back != TCP_PROBE {
+                    return Err(format!("probe echo {addr}: different bytes came back"));
+                }
+                Ok(s)
+            };
+            let mut s = tokio::time::timeout(OP_TIMEOUT, probe).await.unwrap_or_else(|_| Err(format!("probe echo {addr}: timed out")))?;
+            Ok(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            })
+        }
+    })
+    .await
+}
+
+/// Opens `conns` connections with `open(i)` (at most `parallel` at once) and holds them for
+/// `hold`; `READY` goes to stderr once all are open (or failed). `open` yields a future that
+/// resolves when its connection ends: that is a drop, unless the hold is over.
+async fn hold_idle<F, Fut, W>(mode: &str, conns: usize, hold: Duration, parallel: usize, open: F) -> String
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<W, String>> + Send + 'static,
+    W: std::future::Future<Output = ()> + Send + 'static,
+{
+    let start = Instant::now();
     let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
     let (opened_tx, mut opened_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
     let dropped = Arc::new(AtomicU64::new(0));
-    // Small buffers: these connections only sit there.
-    let cfg = ws_config().read_buffer_size(4096).write_buffer_size(0);
     let mut set = JoinSet::new();
     for i in 0..conns {
-        let (t, gate, opened_tx, mut release_rx, dropped) =
-            (t.clone(), gate.clone(), opened_tx.clone(), release_rx.clone(), dropped.clone());
-        let src = pick_source(&sources, i);
+        let (gate, opened_tx, mut release_rx, dropped) = (gate.clone(), opened_tx.clone(), release_rx.clone(), dropped.clone());
+        let opening = open(i);
         set.spawn(async move {
-            let ws = {
+            let conn = {
                 let Ok(_permit) = gate.acquire().await else { return };
-                ws_open(&t, src, cfg).await
+                opening.await
             };
-            let mut ws = match ws {
-                Ok(ws) => {
+            let ended = match conn {
+                Ok(ended) => {
                     let _ = opened_tx.send(true);
-                    ws
+                    ended
                 }
                 Err(e) => {
                     report_error(&e);
@@ -627,17 +950,10 @@ async fn ws_idle(t: Target, conns: usize, hold: Duration, sources: Arc<Vec<IpAdd
                 }
             };
             drop(opened_tx);
-            loop {
-                tokio::select! {
-                    _ = release_rx.changed() => return,
-                    msg = ws.next() => match msg {
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Binary(_) | Message::Text(_))) => {}
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                            dropped.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                    },
+            tokio::select! {
+                _ = release_rx.changed() => {}
+                _ = ended => {
+                    dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
@@ -685,17 +1001,218 @@ async fn ws_idle(t: Target, conns: usize, hold: Duration, sources: Arc<Vec<IpAdd
     let _ = tokio::time::timeout(Duration::from_secs(5), async { while set.join_next().await.is_some() {} }).await;
     set.abort_all();
     format!(
-        "{{\"mode\":\"ws-idle\",\"conns\":{conns},\"opened\":{opened},\"failed\":{},\"dropped\":{dropped_n},\"open_secs\":{open_secs:.3},\"hold_secs\":{:.1}}}",
+        "{{\"mode\":\"{mode}\",\"conns\":{conns},\"opened\":{opened},\"failed\":{},\"dropped\":{dropped_n},\"open_secs\":{open_secs:.3},\"hold_secs\":{:.1}}}",
         failed + not_attempted,
         hold.as_secs_f64()
     )
 }
 
 // ---------------------------------------------------------------------------------------------
+// tls-handshake
+// ---------------------------------------------------------------------------------------------
+
+/// What the handshakes negotiated, over all of them.
+struct TlsSeen {
+    full: AtomicU64,
+    retried: AtomicU64,
+    resumed: AtomicU64,
+    tickets: AtomicU64,
+    /// Handshakes whose version, suite, group or ALPN differ from the first one's.
+    different: AtomicU64,
+    /// The first handshake's `"version":..,"cipher":..,"kx":..,"alpn":..` JSON fields.
+    first: OnceLock<String>,
+}
+
+static TLS_SEEN: TlsSeen = TlsSeen {
+    full: AtomicU64::new(0),
+    retried: AtomicU64::new(0),
+    resumed: AtomicU64::new(0),
+    tickets: AtomicU64::new(0),
+    different: AtomicU64::new(0),
+    first: OnceLock::new(),
+};
+
+impl TlsSeen {
+    fn note(&self, c: &rustls::ClientConnection) {
+        let kind = match c.handshake_kind() {
+            Some(HandshakeKind::Full) => &self.full,
+            Some(HandshakeKind::FullWithHelloRetryRequest) => &self.retried,
+            _ => &self.resumed,
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        let params = format!(
+            "\"version\":\"{}\",\"cipher\":\"{}\",\"kx\":\"{}\",\"alpn\":\"{}\"",
+            c.protocol_version().map_or_else(|| "?".into(), |v| format!("{v:?}")),
+            c.negotiated_cipher_suite().map_or_else(|| "?".into(), |s| format!("{:?}", s.suite())),
+            c.negotiated_key_exchange_group().map_or_else(|| "?".into(), |g| format!("{:?}", g.name())),
+            c.alpn_protocol().map_or_else(|| "-".into(), |p| String::from_utf8_lossy(p).into_owned()),
+        );
+        if *self.first.get_or_init(|| params.clone()) != params {
+            self.different.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn tls_handshake(addr: SocketAddr, opts: &TlsOpts, conns: usize, dur: Duration, sources: Arc<Vec<IpAddr>>) -> String {
+    let tls = TlsClient::new(opts, addr.ip());
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut set = JoinSet::new();
+    for i in 0..conns {
+        set.spawn(tls_handshake_worker(addr, tls.clone(), sources.clone(), i, conns, deadline));
+    }
+    let mut total = collect(set, deadline).await;
+    let secs = start.elapsed().as_secs_f64();
+    let [p50, p99, p999] = percentiles(&mut total.lat);
+    let s = &TLS_SEEN;
+    let tickets = s.tickets.load(Ordering::Relaxed);
+    format!(
+        "{{\"mode\":\"tls-handshake\",\"conns\":{conns},\"secs\":{secs:.3},\"handshakes\":{},\"handshakes_per_s\":{:.1},\"p50_us\":{p50},\"p99_us\":{p99},\"p999_us\":{p999},\"full\":{},\"full_hrr\":{},\"resumed\":{},\"tickets_per_handshake\":{:.2},\"different_params\":{},{},\"sig\":\"{}\",\"errors\":{}}}",
+        total.ok,
+        rate(total.ok, secs),
+        s.full.load(Ordering::Relaxed),
+        s.retried.load(Ordering::Relaxed),
+        s.resumed.load(Ordering::Relaxed),
+        if total.ok > 0 { tickets as f64 / total.ok as f64 } else { 0.0 },
+        s.different.load(Ordering::Relaxed),
+        s.first.get().map_or("\"version\":\"-\"", |f| f.as_str()),
+        SIG_SCHEME.get().map_or_else(|| "-".into(), |s| format!("{s:?}")),
+        total.errors
+    )
+}
+
+/// Connect, full handshake (timed), close; again until `deadline`.
+async fn tls_handshake_worker(
+    addr: SocketAddr,
+    tls: TlsClient,
+    sources: Arc<Vec<IpAddr>>,
+    i: usize,
+    stride: usize,
+    deadline: Instant,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut n = i;
+    while Instant::now() < deadline {
+        let src = pick_source(&sources, n);
+        n += stride;
+        let t0 = Instant::now();
+        let handshake = async {
+            let stream = tcp_connect(addr, src).await.map_err(|e| format!("connect {addr}: {e}"))?;
+            tls.connector.connect(tls.name.clone(), stream).await.map_err(|e| format!("TLS handshake {addr}: {e}"))
+        };
+        match tokio::time::timeout(OP_TIMEOUT, handshake).await {
+            Ok(Ok(mut s)) => {
+                tally.record(t0);
+                TLS_SEEN.note(s.get_ref().1);
+                // close_notify, then read until the server closes: its session tickets are
+                // read (and counted) there, and neither side ends with a reset.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = s.shutdown().await;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                TLS_SEEN.tickets.fetch_add(u64::from(s.get_ref().1.tls13_tickets_received()), Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                tally.error(&e);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tally.error(&format!("TLS handshake {addr}: timed out"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tally
+}
+
+// ---------------------------------------------------------------------------------------------
+// tcp-bulk
+// ---------------------------------------------------------------------------------------------
+
+async fn tcp_bulk(addr: SocketAddr, conns: usize, bytes: u64, sources: Arc<Vec<IpAddr>>) -> String {
+    // Bytes i of every stream is i % 251: checked on the way back at memcmp speed.
+    let pattern: Arc<Vec<u8>> = Arc::new((0..TCP_CHUNK + 251).map(|i| (i % 251) as u8).collect());
+    // Bounded: every connection within OP_TIMEOUT plus its bytes at 10 MB/s.
+    let budget = OP_TIMEOUT + Duration::from_secs_f64(bytes as f64 / 10e6);
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..conns {
+        let (src, pattern) = (pick_source(&sources, i), pattern.clone());
+        set.spawn(async move {
+            tokio::time::timeout(budget, tcp_bulk_conn(addr, src, bytes, pattern))
+                .await
+                .unwrap_or_else(|_| Err(format!("tcp-bulk {addr}: not echoed within {budget:?}")))
+        });
+    }
+    let (mut echoed, mut errors) = (0u64, 0u64);
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(n)) => echoed += n,
+            Ok(Err(e)) => {
+                errors += 1;
+                report_error(&e);
+            }
+            Err(e) => {
+                errors += 1;
+                report_error(&format!("task failed: {e}"));
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let mb_per_s = if secs > 0.0 { echoed as f64 / secs / 1e6 } else { 0.0 };
+    format!(
+        "{{\"mode\":\"tcp-bulk\",\"conns\":{conns},\"bytes_per_conn\":{bytes},\"bytes\":{echoed},\"secs\":{secs:.3},\"mb_per_s\":{mb_per_s:.1},\"errors\":{errors}}}"
+    )
+}
+
+/// Sends `bytes` and reads them back at the same time; Ok(bytes) once all came back intact.
+async fn tcp_bulk_conn(addr: SocketAddr, src: Option<IpAddr>, bytes: u64, pattern: Arc<Vec<u8>>) -> Result<u64, String> {
+    let mut stream = tcp_connect(addr, src).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let (mut r, mut w) = stream.split();
+    let writer = async {
+        let mut sent = 0u64;
+        while sent < bytes {
+            let off = (sent % 251) as usize;
+            let n = (bytes - sent).min(TCP_CHUNK as u64) as usize;
+            w.write_all(&pattern[off..off + n]).await.map_err(|e| format!("send {addr}: {e}"))?;
+            sent += n as u64;
+        }
+        Ok::<_, String>(())
+    };
+    let reader = async {
+        let mut buf = vec![0u8; TCP_CHUNK];
+        let mut got = 0u64;
+        while got < bytes {
+            let want = (bytes - got).min(TCP_CHUNK as u64) as usize;
+            let n = r.read(&mut buf[..want]).await.map_err(|e| format!("receive {addr}: {e}"))?;
+            if n == 0 {
+                return Err(format!("{addr} closed after {got} of {bytes} bytes"));
+            }
+            let off = (got % 251) as usize;
+            if buf[..n] != pattern[off..off + n] {
+                return Err(format!("{addr}: the echo differs from what was sent at byte {got}"));
+            }
+            got += n as u64;
+        }
+        Ok(got)
+    };
+    let (sent, got) = tokio::join!(writer, reader);
+    sent?;
+    got
+}
+
+// ---------------------------------------------------------------------------------------------
 // backend
 // ---------------------------------------------------------------------------------------------
 
-async fn backend(addr: SocketAddr) -> String {
+/// A listening socket on a loopback address (or the process exits).
+fn listen(addr: SocketAddr) -> TcpListener {
     if !addr.ip().is_loopback() {
         fail("the backend binds loopback addresses only");
     }
@@ -707,18 +1224,64 @@ async fn backend(addr: SocketAddr) -> String {
     if let Err(e) = sock.bind(addr) {
         fail(&format!("cannot bind {addr}: {e}"));
     }
-    let listener = sock.listen(4096).unwrap_or_else(|e| fail(&format!("cannot listen on {addr}: {e}")));
+    sock.listen(4096).unwrap_or_else(|e| fail(&format!("cannot listen on {addr}: {e}")))
+}
+
+/// The next connection; out of file descriptors, say, backs off rather than spins.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                return s;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn backend_tcp(addr: SocketAddr) -> String {
+    let listener = listen(addr);
+    eprintln!("loadgen TCP echo backend listening on {addr}");
+    loop {
+        let stream = accept(&listener).await;
+        tokio::spawn(tcp_echo(stream));
+    }
+}
+
+/// Echoes every byte; EOF is passed on. The buffer exists only while bytes flow, so that
+/// thousands of idle connections hold none.
+async fn tcp_echo(mut s: TcpStream) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        if buf.capacity() == 0 {
+            buf = Vec::with_capacity(TCP_CHUNK);
+        }
+        match s.try_read_buf(&mut buf) {
+            Ok(0) => {
+                let _ = s.shutdown().await;
+                return;
+            }
+            Ok(_) => {
+                if s.write_all(&buf).await.is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+            Err(_) => return,
+        }
+    }
+}
+
+async fn backend(addr: SocketAddr) -> String {
+    let listener = listen(addr);
     eprintln!("loadgen backend listening on {addr}");
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(_) => {
-                // Out of file descriptors, say: back off rather than spin.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = accept(&listener).await;
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(backend_respond(req)) });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -98,6 +98,9 @@ struct Half {
     close_queued: bool,
     frames: FrameTracker,
     bytes: u64,
+    /// Bytes went to a writer that may buffer them (TLS does: rustls accepts up to 64 KiB
+    /// and only sends it on flush) and it has not been flushed since.
+    needs_flush: bool,
 }
 
 impl Half {
@@ -136,7 +139,10 @@ impl Half {
             while self.pos < self.pending.len() {
                 match w.as_mut().poll_write(cx, &self.pending[self.pos..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => self.pos += n,
+                    Poll::Ready(Ok(n)) => {
+                        self.pos += n;
+                        self.needs_flush = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 }
@@ -188,8 +194,11 @@ impl Half {
                         self.bytes += n as u64;
                         self.frames.advance(&s[..n]);
                         match w.as_mut().poll_write(cx, &s[..n]) {
-                            Poll::Ready(Ok(m)) if m >= n => {}
-                            Poll::Ready(Ok(m)) => self.pending = s[m..n].to_vec(),
+                            Poll::Ready(Ok(m)) if m >= n => self.needs_flush = true,
+                            Poll::Ready(Ok(m)) => {
+                                self.needs_flush = true;
+                                self.pending = s[m..n].to_vec();
+                            }
                             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                             Poll::Pending => self.pending = s[..n].to_vec(),
                         }
@@ -198,7 +207,17 @@ impl Half {
                 }
             });
             match step {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Nothing more to read now: push out whatever the writer holds back.
+                    if self.needs_flush {
+                        match w.as_mut().poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
@@ -378,4 +397,69 @@ where
 fn rand_mask() -> [u8; 4] {
     let t = Instant::now().elapsed().subsec_nanos() ^ 0x5a5a_a5a5;
     t.to_le_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    /// A writer that, like a TLS stream, takes bytes into its own buffer and sends them on
+    /// only when flushed (or when the buffer is full).
+    struct Buffering {
+        inner: DuplexStream,
+        buf: Vec<u8>,
+    }
+
+    impl AsyncRead for Buffering {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, b)
+        }
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+            if self.buf.len() >= 64 * 1024 {
+                std::task::ready!(self.as_mut().poll_flush(cx))?;
+            }
+            self.buf.extend_from_slice(b);
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            while !self.buf.is_empty() {
+                let this = &mut *self;
+                let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.buf))?;
+                this.buf.drain(..n);
+            }
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            std::task::ready!(self.as_mut().poll_flush(cx))?;
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The server sends some bytes and goes quiet: every byte must reach the client although
+    /// the client's writer buffers (the relay flushes when it has nothing more to read).
+    #[tokio::test]
+    async fn bytes_held_by_a_buffering_writer_are_flushed_when_the_reader_goes_quiet() {
+        let (client_side, mut client) = duplex(16 * 1024);
+        let (server_side, mut server) = duplex(16 * 1024);
+        let relay = tokio::spawn(relay(
+            Buffering { inner: client_side, buf: Vec::new() },
+            Vec::new(),
+            server_side,
+            Vec::new(),
+            Duration::from_secs(60),
+            std::future::pending::<CloseBy>(),
+            false,
+        ));
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        server.write_all(&payload).await.unwrap();
+        let mut got = vec![0u8; payload.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got)).await.expect("every byte arrives").unwrap();
+        assert_eq!(got, payload);
+        drop((client, server));
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
+    }
 }
