@@ -960,11 +960,10 @@ impl Ctx<'_> {
                 self.error_at(w, format!("weight must be at least 1, got {}", w.get_ref()));
                 NonZeroU32::MIN
             }
-            Some(w) => self
-                .int(w, "weight", 1, u32::MAX.into())
-                .and_then(|w| u32::try_from(w).ok())
-                .and_then(NonZeroU32::new)
-                .unwrap_or(NonZeroU32::MIN),
+            // Bounded so a consistent-hash ring (160 points per unit) stays reasonable.
+            Some(w) => {
+                self.int(w, "weight", 1, 10_000).and_then(|w| u32::try_from(w).ok()).and_then(NonZeroU32::new).unwrap_or(NonZeroU32::MIN)
+            }
         };
         let max_fails = max_fails
             .and_then(|m| self.int(&m, "max_fails", 0, u32::MAX.into()))
@@ -1484,8 +1483,8 @@ servers = [{ addr = "127.0.0.1:9001" }]
         let (line, col, msg) = one_err(&text);
         assert_eq!((line, col), (11, 39));
         assert!(msg.starts_with("weight must be at least 1"), "{msg}");
-        let big = GOOD.replace(r#"{ addr = "127.0.0.1:9001" }"#, r#"{ addr = "127.0.0.1:9001", weight = 4294967296 }"#);
-        assert!(one_err(&big).2.contains("between 1 and 4294967295"));
+        let big = GOOD.replace(r#"{ addr = "127.0.0.1:9001" }"#, r#"{ addr = "127.0.0.1:9001", weight = 10001 }"#);
+        assert!(one_err(&big).2.contains("between 1 and 10000"));
     }
 
     #[test]
