@@ -27,54 +27,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields accepted in one request; more gets 431.
 pub const MAX_HEADERS: usize = 100;
 
-/// A client's byte stream. TLS joins as a variant, so the tunnel takes one type.
-#[derive(Debug)]
-pub enum ClientStream {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            ClientStream::Tcp($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            ClientStream::Tls($s) => {
-                let $s = Pin::new($s.as_mut());
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_shutdown(cx))
-    }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Tcp(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-}
+pub use crate::stream::ClientStream;
 
 const IDLE: u8 = 0;
 const HEAD: u8 = 1;

@@ -22,6 +22,7 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod sni;
+pub mod stream;
 pub mod tcp;
 pub mod tls;
 pub mod tunnel;

@@ -1,7 +1,6 @@
 //! Connections to backends: connect with a deadline, a bounded keep-alive pool per backend,
 //! and sending one request with the response-header deadline.
 
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamTls;
@@ -72,54 +70,7 @@ impl Pool {
     }
 }
 
-/// A connection to a backend: plain TCP, or TLS when the upstream re-encrypts.
-#[derive(Debug)]
-pub enum UpstreamStream {
-    Tcp(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            UpstreamStream::Tcp($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-            UpstreamStream::Tls($s) => {
-                let $s = Pin::new($s.as_mut());
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_shutdown(cx))
-    }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write_vectored(cx, bufs))
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Tcp(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-}
+pub use crate::stream::UpstreamStream;
 
 /// The type hyper's client upgrade hands back.
 pub type UpgradedUpstream = TokioIo<UpstreamStream>;
