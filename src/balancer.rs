@@ -565,9 +565,11 @@ fn ip_key_hash(ip: IpAddr) -> u32 {
 /// `None` when the request has no such key.
 fn request_key_hash(key: &HashKey, cx: &PickCtx<'_>) -> Option<u32> {
     match key {
-        HashKey::Header(name) => cx.headers.get(name.as_str()).map(|v| crc32fast::hash(v.as_bytes())),
-        HashKey::Cookie(name) => cookie_value(cx.headers, name).map(|v| crc32fast::hash(v.as_bytes())),
-        HashKey::Query(name) => query_value(cx.uri.query()?, name).map(|v| crc32fast::hash(v.as_bytes())),
+        // An empty value is no key (nginx balances empty keys instead of hashing them all to
+        // one server): the request goes to the fallback.
+        HashKey::Header(name) => cx.headers.get(name.as_str()).filter(|v| !v.is_empty()).map(|v| crc32fast::hash(v.as_bytes())),
+        HashKey::Cookie(name) => cookie_value(cx.headers, name).filter(|v| !v.is_empty()).map(|v| crc32fast::hash(v.as_bytes())),
+        HashKey::Query(name) => query_value(cx.uri.query()?, name).filter(|v| !v.is_empty()).map(|v| crc32fast::hash(v.as_bytes())),
         HashKey::Path => Some(crc32fast::hash(cx.uri.path().as_bytes())),
         HashKey::Ip => {
             let mut buf = [0u8; 48];

@@ -191,6 +191,16 @@ fn ring_moves_about_one_nth_when_a_server_leaves() {
     assert!(moved as f64 / n as f64 <= 0.25 + 0.05, "moved {moved} of {n}");
 }
 
+#[test]
+fn empty_hash_keys_are_balanced_not_hashed_to_one_server() {
+    let b = backends(&[(1, false), (1, false), (1, false)]);
+    let bal = Balancer::new(&cfg(Balance::Hash(HashConfig { key: HashKey::Header("x-user".into()), bounded_load: 0.0 })), &b);
+    let mut h = HeaderMap::new();
+    h.insert("x-user", HeaderValue::from_static(""));
+    let picks: std::collections::BTreeSet<usize> = (0..6).map(|_| pick(&bal, &b, &h, &[]).unwrap()).collect();
+    assert_eq!(picks.len(), 3, "empty keys go to least_conn, which rotates over idle servers");
+}
+
 proptest! {
     /// Whatever is down, failed, tried or full, no algorithm picks an ineligible backend
     /// while an eligible one exists, and none reports failure when one exists.
