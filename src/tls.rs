@@ -178,8 +178,15 @@ pub fn server_name(sni: Option<&str>, addr: std::net::SocketAddr) -> ServerName<
     sni.and_then(|s| ServerName::try_from(s.to_string()).ok()).unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
 }
 
-/// `verify = false`: accepts any certificate (signatures still checked for form).
-struct NoVerify(Arc<CryptoProvider>);
+/// `verify = false`: accepts any certificate (the handshake signature is still checked).
+/// Public so tests and tools that talk to self-signed servers use the same verifier.
+pub struct NoVerify(Arc<CryptoProvider>);
+
+impl NoVerify {
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        NoVerify(provider)
+    }
+}
 
 impl fmt::Debug for NoVerify {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
