@@ -2,6 +2,10 @@
 //! frame by frame. The upstream body carries the backend's live-count guard, returns the
 //! keep-alive connection to its pool once the body ended cleanly, and writes the access-log
 //! line when it is dropped (end of stream, client gone, or error alike).
+//!
+//! Back-pressure: the next chunk is handed to hyper only once the previous ones reached the
+//! client socket, so a client that stops reading stops tidegate reading the backend, and a
+//! connection holds at most one chunk (at most `upstream::MAX_BUF`) of its response.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,6 +35,10 @@ enum Kind {
 
 struct UpstreamBody {
     inner: Incoming,
+    /// A first frame read before the head was answered (see `proxy::first_chunk`).
+    first: Option<Frame<Bytes>>,
+    /// The client connection's written-byte count when this response began.
+    written_base: u64,
     /// The connection the body came on, returned to the pool at a clean end of stream.
     conn: Option<(Sender, usize)>,
     guard: ConnGuard,
@@ -73,15 +81,16 @@ impl ProxyBody {
     }
 
     pub fn upstream(
-        inner: Incoming,
+        (inner, first): (Incoming, Option<Frame<Bytes>>),
         conn: Option<(Sender, usize)>,
         guard: ConnGuard,
         log: Option<AccessLog>,
         phase: Option<Arc<ConnPhase>>,
         (metrics, received): (Arc<UpstreamMetrics>, Arc<ReqProgress>),
     ) -> Self {
-        let mut body = UpstreamBody { inner, conn, guard, log, sent: 0, complete: false, metrics, received };
-        if body.inner.is_end_stream() {
+        let written_base = phase.as_ref().map_or(0, |p| p.written());
+        let mut body = UpstreamBody { inner, first, written_base, conn, guard, log, sent: 0, complete: false, metrics, received };
+        if body.first.is_none() && body.inner.is_end_stream() {
             body.finish();
         }
         Self { kind: Kind::Upstream(Box::new(body)), phase }
@@ -100,11 +109,20 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.kind {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
             Kind::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(u) => {
-                let res = Pin::new(&mut u.inner).poll_frame(cx);
+                if let Some(phase) = &this.phase
+                    && !phase.written_up_to(u.written_base + u.sent)
+                {
+                    return Poll::Pending;
+                }
+                let res = match u.first.take() {
+                    Some(frame) => Poll::Ready(Some(Ok(frame))),
+                    None => Pin::new(&mut u.inner).poll_frame(cx),
+                };
                 match &res {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(d) = frame.data_ref() {
@@ -126,14 +144,18 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Local(b) => b.is_none(),
-            Kind::Upstream(u) => u.inner.is_end_stream(),
+            Kind::Upstream(u) => u.first.is_none() && u.inner.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Upstream(u) => u.inner.size_hint(),
+            Kind::Upstream(u) => match &u.first {
+                None => u.inner.size_hint(),
+                // hyper frames the response by the head's Content-Length or chunked, not by this.
+                Some(_) => SizeHint::default(),
+            },
         }
     }
 }

@@ -1,12 +1,13 @@
 //! One client connection: HTTP/1.1 through hyper, with tidegate's own deadlines for the
-//! request head (total time from its first byte) and for idle keep-alive.
+//! request head (total time from its first byte), for idle keep-alive and for response
+//! writes that make no progress (a client that stopped reading).
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,10 @@ pub struct ConnPhase {
     /// Ordinal of the first request whose raw head had both Content-Length and
     /// Transfer-Encoding (`u64::MAX`: none), published by the I/O wrapper's scanner.
     first_ambiguous: AtomicU64,
+    /// Bytes written to the client socket so far.
+    written: AtomicU64,
+    /// A response body waits for earlier bytes to reach the socket (see [`Self::written_up_to`]).
+    write_waiter: AtomicBool,
 }
 
 impl ConnPhase {
@@ -54,7 +59,28 @@ impl ConnPhase {
             since_ms: AtomicU64::new(now_ms()),
             requests: AtomicU64::new(0),
             first_ambiguous: AtomicU64::new(u64::MAX),
+            written: AtomicU64::new(0),
+            write_waiter: AtomicBool::new(false),
         }
+    }
+    /// Bytes written to the client so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+    /// Whether `target` bytes have been written to the client. When not, the next write wakes
+    /// the connection's task (which also polls the response body: both run in hyper's
+    /// connection task), so the caller can return `Pending` and be polled again.
+    pub fn written_up_to(&self, target: u64) -> bool {
+        if self.written.load(Ordering::Acquire) >= target {
+            return true;
+        }
+        self.write_waiter.store(true, Ordering::SeqCst);
+        // A write may have landed between the load and the store.
+        if self.written.load(Ordering::SeqCst) >= target {
+            self.write_waiter.store(false, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
     /// A request starts; returns its ordinal on this connection.
     pub fn set_busy(&self) -> u64 {
@@ -75,8 +101,10 @@ impl ConnPhase {
     }
 }
 
-/// Wraps the client stream; while no request is being served, reads fail with `TimedOut`
-/// once the keep-alive idle time (no byte yet) or the header deadline (a head started) passed.
+/// Wraps the client stream and enforces the connection's deadlines with one timer: while no
+/// request is being served, reads fail with `TimedOut` once the keep-alive idle time (no byte
+/// yet) or the header deadline (a head started) passed; a write that makes no progress for
+/// the `send` timeout fails the same way. Counts bytes written for response back-pressure.
 pub struct TimedIo {
     inner: ClientStream,
     framing: FramingScanner,
@@ -84,6 +112,14 @@ pub struct TimedIo {
     timeouts: ListenerTimeouts,
     sleep: Pin<Box<Sleep>>,
     armed_ms: u64,
+    /// The last read returned `Pending`.
+    read_waiting: bool,
+    /// Since when writes have been blocked (0: they are not).
+    write_blocked_ms: u64,
+}
+
+fn timed_out(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
 }
 
 impl TimedIo {
@@ -95,58 +131,109 @@ impl TimedIo {
             timeouts,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed_ms: 0,
+            read_waiting: false,
+            write_blocked_ms: 0,
         }
     }
 
     pub fn into_inner(self) -> ClientStream {
         self.inner
     }
+
+    /// The earliest deadline in force (in `now_ms` time), and what it is for.
+    fn next_deadline(&self) -> Option<(u64, &'static str)> {
+        let mut next = None;
+        if self.read_waiting {
+            let phase = self.phase.phase.load(Ordering::Relaxed);
+            if phase != BUSY {
+                let (limit, what) = if phase == IDLE {
+                    (self.timeouts.keepalive_idle, "keep-alive idle timeout")
+                } else {
+                    (self.timeouts.header_read, "request header timeout")
+                };
+                next = Some((self.phase.since_ms.load(Ordering::Relaxed) + limit.as_millis() as u64, what));
+            }
+        }
+        if self.write_blocked_ms != 0 {
+            let at = self.write_blocked_ms + self.timeouts.send.as_millis() as u64;
+            if next.is_none_or(|(d, _)| at < d) {
+                next = Some((at, "response send timeout"));
+            }
+        }
+        next
+    }
+
+    /// Arms the timer for the earliest deadline; `Ready` with the error once one has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some((deadline, what)) = self.next_deadline() else { return Poll::Pending };
+        let now = now_ms();
+        if now >= deadline {
+            return Poll::Ready(timed_out(what));
+        }
+        if self.armed_ms != deadline {
+            self.armed_ms = deadline;
+            self.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(timed_out(what)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Bookkeeping after a write, flush or shutdown: completion resets the send deadline and wakes a response body
+    /// waiting for it; no progress starts (or checks) the send deadline.
+    fn wrote<T>(&mut self, cx: &mut Context<'_>, res: Poll<io::Result<T>>, n: impl Fn(&T) -> usize) -> Poll<io::Result<T>> {
+        match res {
+            Poll::Ready(Ok(v)) => {
+                self.write_blocked_ms = 0;
+                let n = n(&v);
+                if n > 0 {
+                    self.phase.written.fetch_add(n as u64, Ordering::Release);
+                    if self.phase.write_waiter.swap(false, Ordering::SeqCst) {
+                        cx.waker().wake_by_ref();
+                    }
+                }
+                Poll::Ready(Ok(v))
+            }
+            Poll::Pending => {
+                if self.write_blocked_ms == 0 {
+                    self.write_blocked_ms = now_ms().max(1);
+                }
+                match self.poll_deadline(cx) {
+                    Poll::Ready(e) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 impl AsyncRead for TimedIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let phase = this.phase.phase.load(Ordering::Relaxed);
         let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res
-            && buf.filled().len() > before
-        {
-            this.framing.feed(&buf.filled()[before..]);
-            if let Some(first) = this.framing.first_ambiguous {
-                this.phase.first_ambiguous.fetch_min(first, Ordering::Relaxed);
-            }
-        }
-        if phase == BUSY {
-            return res;
-        }
-        match res {
-            Poll::Ready(Ok(())) => {
-                if phase == IDLE && buf.filled().len() > before {
-                    this.phase.set_head();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(res) => {
+                this.read_waiting = false;
+                let got = buf.filled().len() - before;
+                if got > 0 {
+                    this.framing.feed(&buf.filled()[before..]);
+                    if let Some(first) = this.framing.first_ambiguous {
+                        this.phase.first_ambiguous.fetch_min(first, Ordering::Relaxed);
+                    }
+                    if this.phase.phase.load(Ordering::Relaxed) == IDLE {
+                        this.phase.set_head();
+                    }
                 }
-                Poll::Ready(Ok(()))
+                Poll::Ready(res)
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let (limit, what) = if phase == IDLE {
-                    (this.timeouts.keepalive_idle, "keep-alive idle timeout")
-                } else {
-                    (this.timeouts.header_read, "request header timeout")
-                };
-                let deadline = this.phase.since_ms.load(Ordering::Relaxed) + limit.as_millis() as u64;
-                let now = now_ms();
-                if now >= deadline {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                this.read_waiting = true;
+                match this.poll_deadline(cx) {
+                    Poll::Ready(e) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
                 }
-                if this.armed_ms != deadline {
-                    this.armed_ms = deadline;
-                    this.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
-                }
-                if this.sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
-                }
-                Poll::Pending
             }
         }
     }
@@ -154,16 +241,24 @@ impl AsyncRead for TimedIo {
 
 impl AsyncWrite for TimedIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(cx, res, |n| *n)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(cx, res, |_| 0)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.wrote(cx, res, |_| 0)
     }
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(cx, res, |n| *n)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -51,6 +51,8 @@ pub enum ProxyError {
     },
     #[error("bad upgrade response from {addr}: {reason}")]
     BadUpgrade { addr: SocketAddr, reason: &'static str },
+    #[error("bad response from {addr}: {reason}")]
+    BadResponse { addr: SocketAddr, reason: &'static str },
 }
 
 impl ProxyError {
@@ -66,7 +68,8 @@ impl ProxyError {
             | ProxyError::UpstreamTls { .. }
             | ProxyError::Handshake { .. }
             | ProxyError::Upstream { .. }
-            | ProxyError::BadUpgrade { .. } => StatusCode::BAD_GATEWAY,
+            | ProxyError::BadUpgrade { .. }
+            | ProxyError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 

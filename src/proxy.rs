@@ -126,6 +126,27 @@ fn check_target(req: &Parts, host: &str) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The request-head policy, before routing: framing, exactly one visible-ASCII `Host`, the
+/// request target, and the upgrade rules. Returns the Host and what the client asked to
+/// upgrade to.
+fn head_policy(req: &Parts) -> Result<(HeaderValue, Upgrade), ProxyError> {
+    check_framing(&req.headers)?;
+    let mut hosts = req.headers.get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h.clone(),
+        _ => return Err(ProxyError::BadRequest("request needs exactly one Host header")),
+    };
+    let host_text = host.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?;
+    check_target(req, host_text)?;
+    Ok((host, classify_upgrade(req)?))
+}
+
+/// [`head_policy`] for fuzzing and tests: `Ok` when the head would be routed, with whether it
+/// asks for a WebSocket tunnel.
+pub fn check_request_head(req: &Parts) -> Result<bool, ProxyError> {
+    head_policy(req).map(|(_, up)| matches!(up, Upgrade::WebSocket { .. }))
+}
+
 /// Does a comma-separated header contain `token` (case-insensitive)?
 fn has_token(h: &HeaderMap, name: HeaderName, token: &str) -> bool {
     h.get_all(name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
@@ -237,15 +258,8 @@ async fn forward(
     rt: &Arc<Runtime>,
     start: Instant,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    check_framing(&req.headers)?;
-    let mut hosts = req.headers.get_all(header::HOST).iter();
-    let host_value = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => h.clone(),
-        _ => return Err(ProxyError::BadRequest("request needs exactly one Host header")),
-    };
-    let host_text = host_value.to_str().map_err(|_| ProxyError::BadRequest("Host is not visible ASCII"))?;
-    check_target(req, host_text)?;
-    let host = host_without_port(host_text);
+    let (host_value, upgrade) = head_policy(req)?;
+    let host = host_without_port(host_value.to_str().unwrap_or_default());
     let path = req.uri.path();
     // The connection's listener in this snapshot: by index while nothing was reloaded since
     // the accept, else by key.
@@ -256,7 +270,6 @@ async fn forward(
         return Err(ProxyError::NoRoute { host: host.to_string(), path: path.to_string() });
     };
     let upstream = &rt.upstreams[up_idx];
-    let upgrade = classify_upgrade(req)?;
     let client_upgrade = match upgrade {
         Upgrade::WebSocket { .. } => req.extensions.remove::<OnUpgrade>(),
         Upgrade::None => None,
@@ -293,10 +306,13 @@ async fn forward(
     }
     *out.headers_mut() = headers;
 
-    let (mut resp, guard, sender, backend_addr, set_cookie) = match dispatch(upstream, out, cx, client_ip).await {
+    let (mut resp, guard, mut sender, backend_addr, set_cookie) = match dispatch(upstream, out, cx, client_ip).await {
         Err(_) if bytes_in.too_slow.load(std::sync::atomic::Ordering::Relaxed) => return Err(ProxyError::BodyTooSlow),
         other => other?,
     };
+    let bad_response = |reason| ProxyError::BadResponse { addr: backend_addr, reason };
+    // Dropping the response and its connection here closes that connection.
+    check_response_framing(&resp).map_err(bad_response)?;
     upstream.metrics.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].inc();
     if let Some(cookie) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, cookie);
@@ -320,7 +336,22 @@ async fn forward(
         return start_tunnel(resp, &key, client_upgrade, guard, log, upstream, backend_addr, cx);
     }
 
-    let max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
+    let mut max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
+    let mut first = None;
+    if http_body::Body::is_end_stream(resp.body()) {
+        if bytes_in.done.load(std::sync::atomic::Ordering::Relaxed) {
+            // Stray bytes right behind a response without a body (a body sent after a HEAD
+            // answer, a 204 or a 304) break the connection: hyper has seen them by the time the
+            // connection would be idle again.
+            match tokio::time::timeout(SETTLE, sender.settled()).await {
+                Ok(true) => {}
+                Ok(false) if sender.is_broken() => return Err(bad_response("bytes after a response without a body")),
+                _ => max_idle = 0,
+            }
+        }
+    } else if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+        first = first_chunk(resp.body_mut()).await.map_err(|_| bad_response("malformed chunked body"))?;
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !bytes_in.done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -328,9 +359,63 @@ async fn forward(
         // sends of it must not be read as a next request.
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let body =
-        ProxyBody::upstream(body, Some((sender, max_idle)), guard, log, Some(cx.phase.clone()), (upstream.metrics.clone(), bytes_in));
+    let body = ProxyBody::upstream(
+        (body, first),
+        Some((sender, max_idle)),
+        guard,
+        log,
+        Some(cx.phase.clone()),
+        (upstream.metrics.clone(), bytes_in),
+    );
     Ok(Response::from_parts(parts, body))
+}
+
+/// How long a connection may take to be ready again after a response without a body.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the head of a chunked response waits for its first chunk, so that a malformed
+/// one (usually in the same packet as the head) is answered 502 instead of cutting a response
+/// already under way.
+const FIRST_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Refuses a response whose framing a client (or a cache between) might read differently
+/// than hyper did: `Content-Length` with `Transfer-Encoding`, a transfer coding other than
+/// plain `chunked` (anything else runs to the connection's end), or framing headers on a 1xx
+/// or 204, which never have a body (RFC 9112 §6.1, 6.2; HEAD and 304 answers may carry them).
+fn check_response_framing(resp: &Response<Incoming>) -> Result<(), &'static str> {
+    let h = resp.headers();
+    let status = resp.status();
+    let te: Vec<&HeaderValue> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+    let cl = h.get(header::CONTENT_LENGTH);
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(());
+    }
+    if !te.is_empty() && cl.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    let never_body = status.is_informational() || status == StatusCode::NO_CONTENT;
+    if !te.is_empty() {
+        if never_body {
+            return Err("Transfer-Encoding on a 1xx or 204");
+        }
+        match te.as_slice() {
+            [one] if one.as_bytes().eq_ignore_ascii_case(b"chunked") => {}
+            _ => return Err("Transfer-Encoding other than a single chunked"),
+        }
+    }
+    if never_body && cl.is_some_and(|v| v.as_bytes() != b"0") {
+        return Err("Content-Length on a 1xx or 204");
+    }
+    Ok(())
+}
+
+/// Waits up to [`FIRST_CHUNK_WAIT`] for the first frame of a chunked body.
+async fn first_chunk(body: &mut Incoming) -> Result<Option<hyper::body::Frame<bytes::Bytes>>, hyper::Error> {
+    use http_body_util::BodyExt;
+    match tokio::time::timeout(FIRST_CHUNK_WAIT, body.frame()).await {
+        Ok(Some(frame)) => frame.map(Some),
+        Ok(None) | Err(_) => Ok(None),
+    }
 }
 
 /// Runs `f`, returning its output and how long it took, in seconds.

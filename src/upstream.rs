@@ -21,7 +21,36 @@ use crate::config::UpstreamTls;
 
 use crate::error::ProxyError;
 
-pub type Sender = http1::SendRequest<ReqBody>;
+/// One HTTP/1.1 connection to a backend: hyper's request sender, and whether the connection
+/// ended on an error (bad framing, or bytes after the end of a response). Such a connection
+/// is never reused, and a response that turns out to have been followed by stray bytes is
+/// answered 502.
+#[derive(Debug)]
+pub struct Sender {
+    inner: http1::SendRequest<ReqBody>,
+    broken: Arc<AtomicBool>,
+}
+
+impl Sender {
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Waits until the connection is idle and could carry another request; `false` when it
+    /// closed instead. Only for a connection whose last request and response are complete.
+    pub async fn settled(&mut self) -> bool {
+        self.inner.ready().await.is_ok()
+    }
+
+    /// The connection ended on a protocol error (hyper saw bytes it could not frame).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// Largest response head, and largest body chunk read at once from a backend: what one
+/// response can hold in memory while the client is slow to read it.
+pub const MAX_BUF: usize = 64 * 1024;
 
 /// Pooled connections idle longer than this are dropped rather than reused (nginx's
 /// `keepalive_timeout` default for upstreams is 60s).
@@ -46,7 +75,7 @@ impl Pool {
     }
 
     pub fn put(&self, s: Sender, max_idle: usize) {
-        if max_idle == 0 || s.is_closed() {
+        if max_idle == 0 || s.is_closed() || s.is_broken() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,17 +113,20 @@ pub async fn connect(
     preamble: Option<&[u8]>,
 ) -> Result<Sender, ProxyError> {
     let stream = connect_stream(addr, timeout, tls, preamble).await?;
-    let (sender, conn) = http1::Builder::new()
-        .max_buf_size(256 * 1024)
+    let (inner, conn) = http1::Builder::new()
+        .max_buf_size(MAX_BUF)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ProxyError::Handshake { addr, source })?;
+    let broken = Arc::new(AtomicBool::new(false));
+    let flag = broken.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
+            flag.store(true, Ordering::Relaxed);
             tracing::debug!(backend = %addr, error = %e, "upstream connection ended with error");
         }
     });
-    Ok(sender)
+    Ok(Sender { inner, broken })
 }
 
 /// A TCP connection to `addr` within `timeout`: `preamble` (a PROXY protocol header) is
@@ -145,11 +177,11 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<Response<Incoming>, Result<Request<ReqBody>, ProxyError>> {
     let deadline = Instant::now() + timeout;
-    match tokio::time::timeout_at(deadline.into(), sender.ready()).await {
+    match tokio::time::timeout_at(deadline.into(), sender.inner.ready()).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) | Err(_) => return Err(Ok(req)),
     }
-    match tokio::time::timeout_at(deadline.into(), sender.try_send_request(req)).await {
+    match tokio::time::timeout_at(deadline.into(), sender.inner.try_send_request(req)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(mut e)) => match e.take_message() {
             Some(req) => Err(Ok(req)),

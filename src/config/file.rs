@@ -74,6 +74,7 @@ pub(super) struct FileListenerTimeouts {
     pub keepalive_idle: Option<Spanned<String>>,
     pub body: Option<Spanned<String>>,
     pub body_min_rate: Option<Spanned<i64>>,
+    pub send: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

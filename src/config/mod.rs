@@ -187,6 +187,9 @@ pub struct ListenerTimeouts {
     pub body: Duration,
     /// Default 64 bytes per second (a body trickled at 1 byte/s is cut).
     pub body_min_rate: u64,
+    /// A response write to the client that makes no progress for this long closes the
+    /// connection (a client that stopped reading). Default 60s, like nginx's send_timeout.
+    pub send: Duration,
 }
 
 impl Default for ListenerTimeouts {
@@ -196,6 +199,7 @@ impl Default for ListenerTimeouts {
             keepalive_idle: Duration::from_secs(60),
             body: Duration::from_secs(30),
             body_min_rate: 64,
+            send: Duration::from_secs(60),
         }
     }
 }

@@ -1486,7 +1486,7 @@ const WARN: &[(&str, &str)] = &[
     ("more_clear_headers", "tidegate does not remove headers"),
     ("more_set_input_headers", "tidegate does not add request headers"),
     ("client_max_body_size", "tidegate does not limit request bodies (they are streamed)"),
-    ("send_timeout", "not configurable"),
+    ("send_timeout", "not converted: set listener.timeouts.send"),
     ("expires", "tidegate does not add Expires/Cache-Control headers"),
     ("chunked_transfer_encoding", "not configurable"),
     ("limit_req", "no request rate limiting"),

@@ -257,13 +257,14 @@ impl Ctx<'_> {
         let timeouts = match timeouts {
             None => ListenerTimeouts::default(),
             Some(t) => {
-                let FileListenerTimeouts { header_read, keepalive_idle, body, body_min_rate } = t;
+                let FileListenerTimeouts { header_read, keepalive_idle, body, body_min_rate, send } = t;
                 let d = ListenerTimeouts::default();
                 ListenerTimeouts {
                     header_read: self.duration(header_read.as_ref(), "header_read", d.header_read),
                     keepalive_idle: self.duration(keepalive_idle.as_ref(), "keepalive_idle", d.keepalive_idle),
                     body: self.duration(body.as_ref(), "body", d.body),
                     body_min_rate: body_min_rate.and_then(|r| self.int(&r, "body_min_rate", 0, 1 << 40)).unwrap_or(d.body_min_rate),
+                    send: self.duration(send.as_ref(), "send", d.send),
                 }
             }
         };
