@@ -9,6 +9,8 @@
 
 /// Upper bound on one header line we look into (longer lines are only skipped over).
 const LINE_CAP: usize = 64;
+/// How much of any other line is looked at: enough for `transfer-encoding:`.
+const NAME_CAP: usize = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -30,7 +32,8 @@ pub struct FramingScanner {
     state: State,
     line: [u8; LINE_CAP],
     line_len: usize,
-    line_total: usize,
+    /// The line being read has a byte other than CR (it is not the blank line ending a head).
+    line_nonblank: bool,
     /// A request line has been seen for the head being read.
     started: bool,
     /// For the head being read.
@@ -51,7 +54,7 @@ impl Default for FramingScanner {
             state: State::Head,
             line: [0; LINE_CAP],
             line_len: 0,
-            line_total: 0,
+            line_nonblank: false,
             started: false,
             saw_cl: false,
             saw_te: false,
@@ -80,6 +83,20 @@ impl FramingScanner {
                     data = &data[take as usize..];
                     self.state = if n == take { State::ChunkDataEnd } else { State::ChunkData(n - take) };
                 }
+                // Head lines are taken a line at a time: only their first LINE_CAP bytes are
+                // looked at, the rest is skipped over with memchr.
+                State::Head | State::Trailer => {
+                    let end = memchr::memchr(b'\n', data);
+                    let line = &data[..end.unwrap_or(data.len())];
+                    self.take_line_bytes(line);
+                    match end {
+                        Some(i) => {
+                            data = &data[i + 1..];
+                            self.end_line();
+                        }
+                        None => data = &[],
+                    }
+                }
                 _ => {
                     let b = data[0];
                     data = &data[1..];
@@ -89,19 +106,24 @@ impl FramingScanner {
         }
     }
 
+    /// Part of a head line (no LF): CRs are ignored, the other bytes kept lower-cased up to
+    /// what can decide framing (a header name; the value too for `content-length`).
+    fn take_line_bytes(&mut self, part: &[u8]) {
+        for &b in part {
+            if b == b'\r' {
+                continue;
+            }
+            self.line_nonblank = true;
+            if self.line_len >= NAME_CAP && (self.line_len == LINE_CAP || !self.line.starts_with(b"content-length:")) {
+                break;
+            }
+            self.line[self.line_len] = b.to_ascii_lowercase();
+            self.line_len += 1;
+        }
+    }
+
     fn byte(&mut self, b: u8) {
         match self.state {
-            State::Head | State::Trailer => {
-                if b == b'\n' {
-                    self.end_line();
-                } else if b != b'\r' {
-                    if self.line_len < LINE_CAP {
-                        self.line[self.line_len] = b.to_ascii_lowercase();
-                        self.line_len += 1;
-                    }
-                    self.line_total += 1;
-                }
-            }
             State::ChunkSize => match b {
                 b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                     let d = (b as char).to_digit(16).unwrap_or(0) as u64;
@@ -127,7 +149,8 @@ impl FramingScanner {
                 b'\n' => self.begin_chunk(),
                 _ => self.state = State::Lost,
             },
-            State::Body(_) | State::ChunkData(_) | State::Lost => {}
+            // Taken whole by `feed`.
+            State::Head | State::Trailer | State::Body(_) | State::ChunkData(_) | State::Lost => {}
         }
     }
 
@@ -148,7 +171,7 @@ impl FramingScanner {
     }
 
     fn end_line(&mut self) {
-        let blank = self.line_total == 0;
+        let blank = !self.line_nonblank;
         let line = &self.line[..self.line_len];
         if self.state == State::Trailer {
             if blank {
@@ -169,7 +192,7 @@ impl FramingScanner {
             }
         }
         self.line_len = 0;
-        self.line_total = 0;
+        self.line_nonblank = false;
     }
 
     fn end_head(&mut self) {

@@ -251,6 +251,48 @@ fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, 
     }
 }
 
+/// What the `X-Forwarded-*` headers say about the client's hop.
+pub struct Forwarded {
+    pub peer: SocketAddr,
+    /// The peer is a trusted proxy: its `X-Forwarded-*` headers are kept and appended to.
+    pub trusted: bool,
+    pub tls: bool,
+    pub host: HeaderValue,
+}
+
+/// Re-makes a request's headers for the server: hop-by-hop headers go, `Expect` is answered
+/// here, header names with `_` follow `underscores`, `X-Forwarded-*` are set, and a WebSocket
+/// upgrade gets its `Connection`/`Upgrade` back.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    underscores: Underscores,
+    fwd: Forwarded,
+    websocket: bool,
+) -> Result<(), ProxyError> {
+    strip_hop_by_hop(headers);
+    // 100-continue is answered here (hyper sends it when the body is first read); the server
+    // never gets to answer early to a body we already promised to take.
+    headers.remove(header::EXPECT);
+    match underscores {
+        Underscores::Allow => {}
+        policy => {
+            let odd: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+            if !odd.is_empty() && policy == Underscores::Reject {
+                return Err(ProxyError::BadRequest("header name with an underscore"));
+            }
+            for name in odd {
+                headers.remove(name);
+            }
+        }
+    }
+    set_forwarded(headers, fwd.peer, fwd.trusted, fwd.tls, Some(fwd.host));
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+    Ok(())
+}
+
 async fn forward(
     req: &mut Parts,
     body: Incoming,
@@ -283,27 +325,8 @@ async fn forward(
     *out.method_mut() = req.method.clone();
     *out.uri_mut() = req.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     let mut headers = std::mem::take(&mut req.headers);
-    strip_hop_by_hop(&mut headers);
-    // 100-continue is answered here (hyper sends it when the body is first read); the server
-    // never gets to answer early to a body we already promised to take.
-    headers.remove(header::EXPECT);
-    match listener_cfg.header_underscores {
-        Underscores::Allow => {}
-        policy => {
-            let odd: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
-            if !odd.is_empty() && policy == Underscores::Reject {
-                return Err(ProxyError::BadRequest("header name with an underscore"));
-            }
-            for name in odd {
-                headers.remove(name);
-            }
-        }
-    }
-    set_forwarded(&mut headers, cx.peer, trusted, cx.tls, Some(host_value));
-    if let Upgrade::WebSocket { .. } = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
+    let forwarded = Forwarded { peer: cx.peer, trusted, tls: cx.tls, host: host_value };
+    rewrite_request_headers(&mut headers, listener_cfg.header_underscores, forwarded, matches!(upgrade, Upgrade::WebSocket { .. }))?;
     *out.headers_mut() = headers;
 
     let (mut resp, guard, mut sender, backend_addr, set_cookie) = match dispatch(upstream, out, cx, client_ip).await {
