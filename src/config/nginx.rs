@@ -1077,6 +1077,7 @@ struct Scope {
     keepalive_timeout: Val<u64>,
     header_timeout: Val<u64>,
     body_timeout: Val<u64>,
+    send_timeout: Val<u64>,
     underscores: Val<bool>,
     real_ip_from: Vec<(String, Loc)>,
     real_ip_header: Val<String>,
@@ -1257,6 +1258,7 @@ struct OutListener {
     keepalive_idle: Val<u64>,
     header_read: Val<u64>,
     body_timeout: Val<u64>,
+    send_timeout: Val<u64>,
     underscores: Val<bool>,
     certs: Vec<(String, String, bool, Loc)>,
     min_version: Val<&'static str>,
@@ -1486,7 +1488,6 @@ const WARN: &[(&str, &str)] = &[
     ("more_clear_headers", "tidegate does not remove headers"),
     ("more_set_input_headers", "tidegate does not add request headers"),
     ("client_max_body_size", "tidegate does not limit request bodies (they are streamed)"),
-    ("send_timeout", "not converted: set listener.timeouts.send"),
     ("expires", "tidegate does not add Expires/Cache-Control headers"),
     ("chunked_transfer_encoding", "not configurable"),
     ("limit_req", "no request rate limiting"),
@@ -1721,7 +1722,8 @@ impl Cx {
                 | "proxy_timeout"
                 | "keepalive_timeout"
                 | "client_header_timeout"
-                | "client_body_timeout" => {
+                | "client_body_timeout"
+                | "send_timeout" => {
                     let Some(v) = time(d) else {
                         self.warn(d, format!("{}: cannot read the time; not carried over", d.text()));
                         continue;
@@ -1733,6 +1735,7 @@ impl Cx {
                         "proxy_timeout" => s.stream_timeout = Some(v),
                         "keepalive_timeout" => s.keepalive_timeout = Some(v),
                         "client_body_timeout" => s.body_timeout = Some(v),
+                        "send_timeout" => s.send_timeout = Some(v),
                         _ => s.header_timeout = Some(v),
                     }
                 }
@@ -3112,6 +3115,7 @@ impl Cx {
                 keepalive_idle: None,
                 header_read: None,
                 body_timeout: None,
+                send_timeout: None,
                 underscores: None,
                 certs: certs.clone(),
                 min_version: min_version.clone(),
@@ -3461,6 +3465,7 @@ impl Cx {
         };
         let header_read = dscope.header_timeout.clone().filter(|(ms, _)| *ms > 0);
         let body_timeout = dscope.body_timeout.clone().filter(|(ms, _)| *ms > 0);
+        let send_timeout = dscope.send_timeout.clone().filter(|(ms, _)| *ms > 0);
         let underscores = dscope.underscores.clone();
         for &si in &members {
             let sc = &servers[si].scope;
@@ -3468,7 +3473,8 @@ impl Cx {
             if si != default
                 && (differs(&sc.keepalive_timeout, &dscope.keepalive_timeout)
                     || differs(&sc.header_timeout, &dscope.header_timeout)
-                    || differs(&sc.body_timeout, &dscope.body_timeout))
+                    || differs(&sc.body_timeout, &dscope.body_timeout)
+                    || differs(&sc.send_timeout, &dscope.send_timeout))
             {
                 let loc = servers[si].loc.clone();
                 self.note(&loc, Level::Warning, format!("client timeouts of this server block differ from the default server's on {addr}; tidegate has one set per listener: the default server's is used"));
@@ -3487,6 +3493,7 @@ impl Cx {
             keepalive_idle,
             header_read,
             body_timeout,
+            send_timeout,
             underscores,
             certs,
             min_version,
@@ -3849,7 +3856,7 @@ impl Cx {
             let v = if *allow { "allow" } else { "drop" };
             let _ = writeln!(t, "header_underscores = {}  # {} underscores_in_headers", toml_str(v), self.at(loc));
         }
-        if l.keepalive_idle.is_some() || l.header_read.is_some() || l.body_timeout.is_some() {
+        if l.keepalive_idle.is_some() || l.header_read.is_some() || l.body_timeout.is_some() || l.send_timeout.is_some() {
             let _ = writeln!(t, "\n  [listener.timeouts]");
             if let Some((ms, loc)) = &l.header_read {
                 let _ = writeln!(t, "  header_read = {}  # {} client_header_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
@@ -3860,6 +3867,9 @@ impl Cx {
             if let Some((ms, loc)) = &l.body_timeout {
                 let _ = writeln!(t, "  body = {}  # {} client_body_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
                 let _ = writeln!(t, "  body_min_rate = 0  # nginx only times out a body that stops (no minimum rate)");
+            }
+            if let Some((ms, loc)) = &l.send_timeout {
+                let _ = writeln!(t, "  send = {}  # {} send_timeout", toml_str(&fmt_ms(*ms)), self.at(loc));
             }
         }
         if !l.certs.is_empty() {
@@ -4504,12 +4514,13 @@ mod tests {
     #[test]
     fn listener_settings() {
         let (imp, cfg) = convert(&http(
-            "keepalive_timeout 65;\nclient_header_timeout 20s;\nclient_body_timeout 2m;\nunderscores_in_headers on;\nset_real_ip_from 10.0.0.0/8;\nreal_ip_header X-Forwarded-For;\nupstream a { server 10.0.0.1:80; }\nserver { listen 127.0.0.1:8080 proxy_protocol; location / { proxy_pass http://a; proxy_next_upstream error timeout http_502; proxy_next_upstream_tries 2; proxy_connect_timeout 3s; } }",
+            "keepalive_timeout 65;\nclient_header_timeout 20s;\nclient_body_timeout 2m;\nsend_timeout 45s;\nunderscores_in_headers on;\nset_real_ip_from 10.0.0.0/8;\nreal_ip_header X-Forwarded-For;\nupstream a { server 10.0.0.1:80; }\nserver { listen 127.0.0.1:8080 proxy_protocol; location / { proxy_pass http://a; proxy_next_upstream error timeout http_502; proxy_next_upstream_tries 2; proxy_connect_timeout 3s; } }",
         ));
         let l = &cfg.listeners[0];
         assert_eq!(l.timeouts.keepalive_idle.as_secs(), 65);
         assert_eq!(l.timeouts.header_read.as_secs(), 20);
         assert_eq!((l.timeouts.body.as_secs(), l.timeouts.body_min_rate), (120, 0));
+        assert_eq!(l.timeouts.send.as_secs(), 45);
         assert_eq!(l.header_underscores, crate::config::Underscores::Allow);
         assert!(l.accept_proxy);
         assert_eq!(l.trusted_proxies.len(), 1);
