@@ -20,7 +20,7 @@ use crate::access::AccessLog;
 use crate::admin::metrics::UpstreamMetrics;
 use crate::connection::ConnPhase;
 use crate::runtime::ConnGuard;
-use crate::upstream::{ReqProgress, Sender};
+use crate::upstream::{Sender, UploadEnd};
 
 pub struct ProxyBody {
     kind: Kind,
@@ -46,8 +46,9 @@ struct UpstreamBody {
     sent: u64,
     complete: bool,
     metrics: Arc<UpstreamMetrics>,
-    /// The request body's progress, as the upstream connection reads it.
-    received: Arc<ReqProgress>,
+    /// The request body's progress, as the upstream connection reads it; an upload still
+    /// unfinished when this body goes is cut.
+    received: UploadEnd,
 }
 
 impl UpstreamBody {
@@ -57,7 +58,7 @@ impl UpstreamBody {
         // not reused: the rest of that body would be read as the next request.
         if let Some((sender, max_idle)) = self.conn.take()
             && !self.guard.backend().is_draining()
-            && self.received.done.load(Ordering::Relaxed)
+            && self.received.0.is_done()
         {
             self.guard.backend().pool.put(sender, max_idle);
         }
@@ -67,7 +68,7 @@ impl UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         self.metrics.bytes_out.inc_by(self.sent);
-        self.metrics.bytes_in.inc_by(self.received.bytes.load(Ordering::Relaxed));
+        self.metrics.bytes_in.inc_by(self.received.0.bytes.load(Ordering::Relaxed));
         if let Some(log) = self.log.take() {
             log.emit_response(self.sent, self.complete);
         }
@@ -86,7 +87,7 @@ impl ProxyBody {
         guard: ConnGuard,
         log: Option<AccessLog>,
         phase: Option<Arc<ConnPhase>>,
-        (metrics, received): (Arc<UpstreamMetrics>, Arc<ReqProgress>),
+        (metrics, received): (Arc<UpstreamMetrics>, UploadEnd),
     ) -> Self {
         let written_base = phase.as_ref().map_or(0, |p| p.written());
         let mut body = UpstreamBody { inner, first, written_base, conn, guard, log, sent: 0, complete: false, metrics, received };

@@ -331,8 +331,16 @@ async fn forward(
 
     let (mut resp, guard, mut sender, backend_addr, set_cookie) = match dispatch(upstream, out, cx, client_ip).await {
         Err(_) if bytes_in.too_slow.load(std::sync::atomic::Ordering::Relaxed) => return Err(ProxyError::BodyTooSlow),
+        Err(_) if bytes_in.client_error.load(std::sync::atomic::Ordering::Relaxed) => {
+            return Err(ProxyError::BadRequest("malformed or incomplete request body"));
+        }
         other => other?,
     };
+    // A server that answers before it has the whole body gets no more of it: it would read
+    // the rest as a next request. The upload is cut (closing that connection) once this
+    // exchange ends, whichever way.
+    bytes_in.hold();
+    let upload = upstream::UploadEnd(bytes_in.clone());
     let bad_response = |reason| ProxyError::BadResponse { addr: backend_addr, reason };
     // Dropping the response and its connection here closes that connection.
     check_response_framing(&resp).map_err(bad_response)?;
@@ -362,7 +370,7 @@ async fn forward(
     let mut max_idle = if upstream.cfg.send_proxy.is_some() { 0 } else { upstream.cfg.keepalive };
     let mut first = None;
     if http_body::Body::is_end_stream(resp.body()) {
-        if bytes_in.done.load(std::sync::atomic::Ordering::Relaxed) {
+        if bytes_in.is_done() {
             // Stray bytes right behind a response without a body (a body sent after a HEAD
             // answer, a 204 or a 304) break the connection: hyper has seen them by the time the
             // connection would be idle again.
@@ -377,7 +385,7 @@ async fn forward(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !bytes_in.done.load(std::sync::atomic::Ordering::Relaxed) {
+    if !bytes_in.is_done() {
         // The server answered before the whole request body arrived: whatever the client still
         // sends of it must not be read as a next request.
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -388,7 +396,7 @@ async fn forward(
         guard,
         log,
         Some(cx.phase.clone()),
-        (upstream.metrics.clone(), bytes_in),
+        (upstream.metrics.clone(), upload),
     );
     Ok(Response::from_parts(parts, body))
 }

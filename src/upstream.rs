@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -191,13 +192,64 @@ pub async fn send(
     }
 }
 
-/// How far a request body got: bytes, whether it ended, whether it was cut for being too slow.
+/// How far a request body got: bytes, whether it ended, whether it was cut for being too
+/// slow or for being malformed, and whether the upload may go on.
 #[derive(Debug, Default)]
 pub struct ReqProgress {
     pub bytes: AtomicU64,
     pub done: AtomicBool,
     pub too_slow: AtomicBool,
+    /// The client's body was malformed or cut off (its fault: a 400, not a 502).
+    pub client_error: AtomicBool,
+    /// `UPLOAD_*`: the server answered before the body was sent whole.
+    upload: AtomicU8,
+    /// The upload task, woken when `upload` changes.
+    waker: AtomicWaker,
 }
+
+const UPLOAD_SENDING: u8 = 0;
+/// No more body bytes go to the server; the connection waits for the response to finish.
+const UPLOAD_HELD: u8 = 1;
+/// The upload fails, which closes the server connection.
+const UPLOAD_CUT: u8 = 2;
+
+impl ReqProgress {
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// The server answered before the whole body was sent: nothing more of it is sent (the
+    /// server would read it as a next request), while the response still streams.
+    pub fn hold(&self) {
+        if !self.is_done() {
+            let _ = self.upload.compare_exchange(UPLOAD_SENDING, UPLOAD_HELD, Ordering::AcqRel, Ordering::Relaxed);
+            self.waker.wake();
+        }
+    }
+
+    /// The exchange is over: an unfinished upload fails, closing the server connection.
+    pub fn cut(&self) {
+        if !self.is_done() {
+            self.upload.store(UPLOAD_CUT, Ordering::Release);
+            self.waker.wake();
+        }
+    }
+}
+
+/// Cuts an unfinished upload when dropped (with the response body, or on an early error).
+#[derive(Debug)]
+pub struct UploadEnd(pub Arc<ReqProgress>);
+
+impl Drop for UploadEnd {
+    fn drop(&mut self) {
+        self.0.cut();
+    }
+}
+
+/// The server answered before the request body was sent whole.
+#[derive(Debug, thiserror::Error)]
+#[error("the server answered before the request body was sent whole; the rest is not sent")]
+pub struct AnsweredEarly;
 
 /// A request body too slow for `body_min_rate`.
 #[derive(Debug, thiserror::Error)]
@@ -260,17 +312,27 @@ impl Body for ReqBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        this.progress.waker.register(cx.waker());
+        match this.progress.upload.load(Ordering::Acquire) {
+            UPLOAD_SENDING => {}
+            UPLOAD_HELD => return Poll::Pending,
+            _ => return Poll::Ready(Some(Err(Box::new(AnsweredEarly)))),
+        }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.progress.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                // Trailers are always the last frame.
+                if frame.is_trailers() || this.inner.as_ref().is_some_and(Body::is_end_stream) {
                     this.progress.done.store(true, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                this.progress.client_error.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => {
                 this.progress.done.store(true, Ordering::Relaxed);
                 Poll::Ready(None)
