@@ -274,8 +274,12 @@ pub async fn serve(
         .header_read_timeout(timeouts.header_read + timeouts.keepalive_idle)
         .max_buf_size(MAX_HEAD)
         .max_header_size(MAX_HEAD)
-        .max_headers(MAX_HEADERS)
         .keep_alive(true);
+    // MAX_HEADERS is hyper's default limit, so it is left at the default rather than set:
+    // an explicit `max_headers` makes hyper build two 100-slot header arrays element by
+    // element for every request head (about 1,700 instructions a request), the default uses
+    // them uninitialised on the stack. The limit is the same (tests/http.rs checks 431).
+    const _: () = assert!(MAX_HEADERS == 100, "set http1::Builder::max_headers when MAX_HEADERS is not hyper's default");
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     let mut conn = pin!(conn);
     // Shutdown, or a reload that removed this listener: finish the request in flight, then
