@@ -187,6 +187,8 @@ pub struct ConnCtx {
     pub timeouts: ListenerTimeouts,
     pub tls: bool,
     pub phase: Arc<ConnPhase>,
+    /// `peer` as an `X-Forwarded-For` entry (`proxy::forwarded_for`).
+    pub forwarded_for: hyper::header::HeaderValue,
 }
 
 /// What a listener hands each accepted connection.
@@ -262,7 +264,8 @@ pub async fn serve(
     let is_tls = matches!(stream, ClientStream::Tls(_));
     let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, timeouts, tls: is_tls, phase });
+    let forwarded_for = crate::proxy::forwarded_for(peer.ip());
+    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, timeouts, tls: is_tls, phase, forwarded_for });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }

@@ -193,7 +193,7 @@ fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
 /// not itself a trusted proxy.
 fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
     let mut last = None;
-    for v in h.get_all("x-forwarded-for").iter().rev() {
+    for v in h.get_all(&X_FORWARDED_FOR).iter().rev() {
         for part in v.to_str().ok()?.rsplit(',') {
             let ip: IpAddr = part.trim().parse().ok()?;
             let ip = ip.to_canonical();
@@ -206,27 +206,41 @@ fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
     last
 }
 
-fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, host: Option<HeaderValue>) {
-    let ip = peer.ip().to_canonical();
-    let mut xff = String::new();
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The client's address as an `X-Forwarded-For` entry; made once per connection (formatting
+/// an address and copying it into a header value costs more than the rest of the headers).
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_canonical().to_string()).expect("an IP address is a valid header value")
+}
+
+/// `client` is `forwarded_for(peer)`.
+fn set_forwarded(h: &mut HeaderMap, client: &HeaderValue, trusted: bool, tls: bool, host: Option<HeaderValue>) {
+    let mut xff = Some(client.clone());
     if trusted {
-        for prev in h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
-            xff.push_str(prev);
-            xff.push_str(", ");
+        let mut chain = String::new();
+        for prev in h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
+            chain.push_str(prev);
+            chain.push_str(", ");
+        }
+        if !chain.is_empty() {
+            chain.push_str(client.to_str().unwrap_or_default());
+            xff = HeaderValue::from_str(&chain).ok();
         }
     }
-    xff.push_str(&ip.to_string());
-    h.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    match xff {
+        Some(v) => h.insert(X_FORWARDED_FOR.clone(), v),
+        None => h.remove(&X_FORWARDED_FOR),
+    };
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     }
-    if !(trusted && h.contains_key("x-forwarded-proto")) {
-        h.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
-    }
-    if !(trusted && h.contains_key("x-forwarded-host"))
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST))
         && let Some(host) = host
     {
-        h.insert("x-forwarded-host", host);
+        h.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
 
@@ -286,7 +300,7 @@ async fn forward(
             }
         }
     }
-    set_forwarded(&mut headers, cx.peer, trusted, cx.tls, Some(host_value));
+    set_forwarded(&mut headers, &cx.forwarded_for, trusted, cx.tls, Some(host_value));
     if let Upgrade::WebSocket { .. } = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
