@@ -163,7 +163,11 @@ fn classify_upgrade(req: &Parts) -> Result<Upgrade, ProxyError> {
     Ok(Upgrade::WebSocket { key })
 }
 
-/// Headers that belong to one hop and never travel on.
+/// Headers that belong to one hop and never travel on: the fixed list, `proxy-*`, and those
+/// the `Connection` header names.
+///
+/// One pass over the names finds them, and only names actually present are removed: most
+/// messages carry none, and every `HeaderMap::remove`, even of an absent name, hashes it.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -172,17 +176,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    let doomed: Vec<HeaderName> = h.keys().filter(|k| is_hop_by_hop(k) || named.contains(k)).cloned().collect();
+    for name in doomed {
         h.remove(name);
     }
-    for name in [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    let proxy: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for name in proxy {
-        h.remove(name);
-    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE].contains(name)
+        || name == "keep-alive"
+        || name.as_str().starts_with("proxy-")
 }
 
 fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
