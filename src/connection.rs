@@ -101,6 +101,12 @@ impl TimedIo {
     pub fn into_inner(self) -> ClientStream {
         self.inner
     }
+
+    /// Sets the timer to `deadline` (ms, `now_ms`), `now` being `now_ms()`.
+    fn arm(&mut self, deadline: u64, now: u64) {
+        self.armed_ms = deadline;
+        self.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
+    }
 }
 
 impl AsyncRead for TimedIo {
@@ -139,12 +145,18 @@ impl AsyncRead for TimedIo {
                 if now >= deadline {
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
                 }
-                if this.armed_ms != deadline {
-                    this.armed_ms = deadline;
-                    this.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
+                // Every request moves the deadline a little later; the timer is only moved
+                // earlier (a head started), and a later deadline is checked when the armed
+                // one fires. That saves a timer-wheel update per request.
+                if this.armed_ms == 0 || deadline < this.armed_ms {
+                    this.arm(deadline, now);
                 }
-                if this.sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                while this.sleep.as_mut().poll(cx).is_ready() {
+                    let now = now_ms();
+                    if now >= deadline {
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                    }
+                    this.arm(deadline, now);
                 }
                 Poll::Pending
             }
