@@ -80,6 +80,19 @@ impl FramingScanner {
                     data = &data[take as usize..];
                     self.state = if n == take { State::ChunkDataEnd } else { State::ChunkData(n - take) };
                 }
+                State::Head | State::Trailer => {
+                    // A line at a time (heads are most of what a client sends on a
+                    // keep-alive connection): up to its `\n`, or all there is so far.
+                    let end = data.iter().position(|&b| b == b'\n');
+                    self.line_bytes(&data[..end.unwrap_or(data.len())]);
+                    match end {
+                        Some(i) => {
+                            data = &data[i + 1..];
+                            self.end_line();
+                        }
+                        None => data = &[],
+                    }
+                }
                 _ => {
                     let b = data[0];
                     data = &data[1..];
@@ -89,19 +102,22 @@ impl FramingScanner {
         }
     }
 
+    /// Bytes of a head or trailer line, without its `\n`; `\r` is skipped wherever it is.
+    fn line_bytes(&mut self, part: &[u8]) {
+        for &b in part {
+            if b != b'\r' {
+                if self.line_len < LINE_CAP {
+                    self.line[self.line_len] = b.to_ascii_lowercase();
+                    self.line_len += 1;
+                }
+                self.line_total += 1;
+            }
+        }
+    }
+
+    /// One byte of chunk framing (the other states are handled in `feed`).
     fn byte(&mut self, b: u8) {
         match self.state {
-            State::Head | State::Trailer => {
-                if b == b'\n' {
-                    self.end_line();
-                } else if b != b'\r' {
-                    if self.line_len < LINE_CAP {
-                        self.line[self.line_len] = b.to_ascii_lowercase();
-                        self.line_len += 1;
-                    }
-                    self.line_total += 1;
-                }
-            }
             State::ChunkSize => match b {
                 b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                     let d = (b as char).to_digit(16).unwrap_or(0) as u64;
@@ -127,7 +143,7 @@ impl FramingScanner {
                 b'\n' => self.begin_chunk(),
                 _ => self.state = State::Lost,
             },
-            State::Body(_) | State::ChunkData(_) | State::Lost => {}
+            State::Head | State::Trailer | State::Body(_) | State::ChunkData(_) | State::Lost => {}
         }
     }
 
