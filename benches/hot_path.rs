@@ -14,7 +14,7 @@ use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Request};
 use tidegate::config::{HostMatch, RouteConfig, Underscores};
 use tidegate::framing::FramingScanner;
-use tidegate::proxy::{Forwarded, check_request_head, rewrite_request_headers};
+use tidegate::proxy::{Forwarded, check_request_head, forwarded_for, rewrite_request_headers};
 use tidegate::route::Router;
 
 const HEAD: &[u8] = b"GET /api/v1/rooms/42/messages?since=1700000000 HTTP/1.1\r\n\
@@ -73,13 +73,14 @@ fn bench(c: &mut Criterion) {
     group.bench_function("head_policy", |b| b.iter(|| check_request_head(std::hint::black_box(&req)).is_ok()));
 
     let peer: SocketAddr = "203.0.113.9:51234".parse().unwrap();
+    let client = forwarded_for(peer.ip());
     let host = HeaderValue::from_static("chat.example.com");
     group.bench_function("clone_headers_only", |b| b.iter(|| std::hint::black_box(req.headers.clone())));
     group.bench_function("rewrite_headers", |b| {
         b.iter_batched(
             || req.headers.clone(),
             |mut h: HeaderMap| {
-                let fwd = Forwarded { peer, trusted: false, tls: true, host: host.clone() };
+                let fwd = Forwarded { client: client.clone(), trusted: false, tls: true, host: host.clone() };
                 rewrite_request_headers(&mut h, Underscores::Drop, fwd, false).unwrap();
                 h
             },

@@ -3,6 +3,7 @@
 //!     cargo run --release --example loadgen -- backend --addr 127.0.0.1:19101
 //!     cargo run --release --example loadgen -- backend-tcp --addr 127.0.0.1:19111
 //!     cargo run --release --example loadgen -- http --url http://127.0.0.1:8080/ -c 50 -d 5
+//!     cargo run --release --example loadgen -- http --url http://127.0.0.1:8080/ -c 10 -d 300 --count 20000
 //!     cargo run --release --example loadgen -- ws-echo --url ws://127.0.0.1:8080/ -c 50 -s 64 -d 5
 //!     cargo run --release --example loadgen -- ws-echo --url wss://127.0.0.1:8443/ -c 50 -s 64 -d 5
 //!     cargo run --release --example loadgen -- ws-connect --url ws://127.0.0.1:8080/ -c 20 -d 5
@@ -123,6 +124,9 @@ enum Mode {
         conns: usize,
         #[arg(short = 'd', default_value_t = 5.0)]
         secs: f64,
+        /// Stop after this many operations in all (D still bounds the run).
+        #[arg(long)]
+        count: Option<u64>,
         /// Client source addresses, `127.0.0.2-127.0.0.50` or one address.
         #[arg(long)]
         sources: Option<String>,
@@ -138,6 +142,9 @@ enum Mode {
         size: usize,
         #[arg(short = 'd', default_value_t = 5.0)]
         secs: f64,
+        /// Stop after this many operations in all (D still bounds the run).
+        #[arg(long)]
+        count: Option<u64>,
         #[arg(long)]
         sources: Option<String>,
     },
@@ -163,6 +170,9 @@ enum Mode {
         conns: usize,
         #[arg(short = 'd', default_value_t = 5.0)]
         secs: f64,
+        /// Stop after this many operations in all (D still bounds the run).
+        #[arg(long)]
+        count: Option<u64>,
         #[arg(long)]
         sources: Option<String>,
     },
@@ -231,17 +241,17 @@ fn main() {
         match cli.mode {
             Mode::Backend { addr } => backend(addr).await,
             Mode::BackendTcp { addr } => backend_tcp(addr).await,
-            Mode::Http { url, conns, secs, sources } => {
-                http(Target::parse(&url, &tls), conns.max(1), run_time(secs), sources_arg(sources)).await
+            Mode::Http { url, conns, secs, count, sources } => {
+                http(Target::parse(&url, &tls), conns.max(1), run_time(secs), Quota::new(count), sources_arg(sources)).await
             }
-            Mode::WsEcho { url, conns, size, secs, sources } => {
-                ws_echo(Target::parse(&url, &tls), conns.max(1), size, run_time(secs), sources_arg(sources)).await
+            Mode::WsEcho { url, conns, size, secs, count, sources } => {
+                ws_echo(Target::parse(&url, &tls), conns.max(1), size, run_time(secs), Quota::new(count), sources_arg(sources)).await
             }
             Mode::WsIdle { url, conns, hold, sources, parallel } => {
                 ws_idle(Target::parse(&url, &tls), conns, run_time(hold), sources_arg(sources), parallel.max(1)).await
             }
-            Mode::WsConnect { url, conns, secs, sources } => {
-                ws_connect(Target::parse(&url, &tls), conns.max(1), run_time(secs), sources_arg(sources)).await
+            Mode::WsConnect { url, conns, secs, count, sources } => {
+                ws_connect(Target::parse(&url, &tls), conns.max(1), run_time(secs), Quota::new(count), sources_arg(sources)).await
             }
             Mode::WsBulk { url, size, count } => ws_bulk(Target::parse(&url, &tls), size, count).await,
             Mode::TlsHandshake { addr, conns, secs, sources } => {
@@ -555,6 +565,21 @@ fn report_error(msg: &str) {
 // Results
 // ---------------------------------------------------------------------------------------------
 
+/// Operations left to start with `--count` (shared by every worker of a run); unlimited
+/// without it. A fixed count makes runs under a profiler comparable.
+#[derive(Clone)]
+struct Quota(Option<Arc<AtomicU64>>);
+
+impl Quota {
+    fn new(count: Option<u64>) -> Quota {
+        Quota(count.map(|n| Arc::new(AtomicU64::new(n))))
+    }
+    /// Claims one operation; false once the count is used up.
+    fn take(&self) -> bool {
+        self.0.as_ref().is_none_or(|left| left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok())
+    }
+}
+
 /// What one load task did.
 #[derive(Default)]
 struct Tally {
@@ -623,13 +648,13 @@ fn rate(n: u64, secs: f64) -> f64 {
 // http
 // ---------------------------------------------------------------------------------------------
 
-async fn http(t: Target, conns: usize, dur: Duration, sources: Arc<Vec<IpAddr>>) -> String {
+async fn http(t: Target, conns: usize, dur: Duration, quota: Quota, sources: Arc<Vec<IpAddr>>) -> String {
     let start = Instant::now();
     let deadline = start + dur;
     let t = Arc::new(t);
     let mut set = JoinSet::new();
     for i in 0..conns {
-        set.spawn(http_worker(t.clone(), pick_source(&sources, i), deadline));
+        set.spawn(http_worker(t.clone(), pick_source(&sources, i), deadline, quota.clone()));
     }
     let mut total = collect(set, deadline).await;
     let secs = start.elapsed().as_secs_f64();
@@ -653,7 +678,7 @@ async fn http_conn(t: &Target, src: Option<IpAddr>) -> Result<HttpSender, String
     Ok(sender)
 }
 
-async fn http_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant) -> Tally {
+async fn http_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant, quota: Quota) -> Tally {
     let mut tally = Tally::default();
     'connect: while Instant::now() < deadline {
         let mut sender = match http_conn(&t, src).await {
@@ -679,6 +704,9 @@ async fn http_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant) -> 
                 tally.error("cannot build the request");
                 return tally;
             };
+            if !quota.take() {
+                return tally;
+            }
             let t0 = Instant::now();
             let exchange = async {
                 let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
@@ -707,14 +735,14 @@ async fn http_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant) -> 
 // ws-echo
 // ---------------------------------------------------------------------------------------------
 
-async fn ws_echo(t: Target, conns: usize, size: usize, dur: Duration, sources: Arc<Vec<IpAddr>>) -> String {
+async fn ws_echo(t: Target, conns: usize, size: usize, dur: Duration, quota: Quota, sources: Arc<Vec<IpAddr>>) -> String {
     let start = Instant::now();
     let deadline = start + dur;
     let t = Arc::new(t);
     let payload = Bytes::from(vec![b'x'; size]);
     let mut set = JoinSet::new();
     for i in 0..conns {
-        set.spawn(ws_echo_worker(t.clone(), pick_source(&sources, i), deadline, payload.clone()));
+        set.spawn(ws_echo_worker(t.clone(), pick_source(&sources, i), deadline, payload.clone(), quota.clone()));
     }
     let mut total = collect(set, deadline).await;
     let secs = start.elapsed().as_secs_f64();
@@ -743,7 +771,7 @@ async fn echo_once(ws: &mut WebSocketStream<Conn>, msg: Message, len: usize) -> 
     }
 }
 
-async fn ws_echo_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant, payload: Bytes) -> Tally {
+async fn ws_echo_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant, payload: Bytes, quota: Quota) -> Tally {
     let mut tally = Tally::default();
     'connect: while Instant::now() < deadline {
         let mut ws = match ws_open(&t, src, ws_config()).await {
@@ -755,6 +783,10 @@ async fn ws_echo_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant, 
             }
         };
         while Instant::now() < deadline {
+            if !quota.take() {
+                ws_close(ws).await;
+                return tally;
+            }
             let t0 = Instant::now();
             match tokio::time::timeout(OP_TIMEOUT, echo_once(&mut ws, Message::Binary(payload.clone()), payload.len())).await {
                 Ok(Ok(())) => tally.record(t0),
@@ -777,13 +809,13 @@ async fn ws_echo_worker(t: Arc<Target>, src: Option<IpAddr>, deadline: Instant, 
 // ws-connect
 // ---------------------------------------------------------------------------------------------
 
-async fn ws_connect(t: Target, conns: usize, dur: Duration, sources: Arc<Vec<IpAddr>>) -> String {
+async fn ws_connect(t: Target, conns: usize, dur: Duration, quota: Quota, sources: Arc<Vec<IpAddr>>) -> String {
     let start = Instant::now();
     let deadline = start + dur;
     let t = Arc::new(t);
     let mut set = JoinSet::new();
     for i in 0..conns {
-        set.spawn(ws_connect_worker(t.clone(), sources.clone(), i, conns, deadline));
+        set.spawn(ws_connect_worker(t.clone(), sources.clone(), i, conns, deadline, quota.clone()));
     }
     let mut total = collect(set, deadline).await;
     let secs = start.elapsed().as_secs_f64();
@@ -797,10 +829,10 @@ async fn ws_connect(t: Target, conns: usize, dur: Duration, sources: Arc<Vec<IpA
 }
 
 /// Connect, handshake (timed), close with a close handshake; again until `deadline`.
-async fn ws_connect_worker(t: Arc<Target>, sources: Arc<Vec<IpAddr>>, i: usize, stride: usize, deadline: Instant) -> Tally {
+async fn ws_connect_worker(t: Arc<Target>, sources: Arc<Vec<IpAddr>>, i: usize, stride: usize, deadline: Instant, quota: Quota) -> Tally {
     let mut tally = Tally::default();
     let mut n = i;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && quota.take() {
         let t0 = Instant::now();
         match ws_open(&t, pick_source(&sources, n), ws_config()).await {
             Ok(ws) => {

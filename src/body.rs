@@ -54,6 +54,7 @@ struct UpstreamBody {
 impl UpstreamBody {
     fn finish(&mut self) {
         self.complete = true;
+        self.received.0.cut();
         // A connection whose request body was not sent whole (the server answered early) is
         // not reused: the rest of that body would be read as the next request.
         if let Some((sender, max_idle)) = self.conn.take()

@@ -170,14 +170,26 @@ impl TimedIo {
         if now >= deadline {
             return Poll::Ready(timed_out(what));
         }
-        if self.armed_ms != deadline {
-            self.armed_ms = deadline;
-            self.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
+        // Every response moves the keep-alive deadline a little later: the timer is only
+        // moved earlier, and a later deadline is re-armed when the armed one fires. That
+        // saves a timer-wheel update per request.
+        if self.armed_ms == 0 || deadline < self.armed_ms {
+            self.arm(deadline, now);
         }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(timed_out(what)),
-            Poll::Pending => Poll::Pending,
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let now = now_ms();
+            if now >= deadline {
+                return Poll::Ready(timed_out(what));
+            }
+            self.arm(deadline, now);
         }
+        Poll::Pending
+    }
+
+    /// Sets the timer to `deadline` (ms, `now_ms`), `now` being `now_ms()`.
+    fn arm(&mut self, deadline: u64, now: u64) {
+        self.armed_ms = deadline;
+        self.sleep.as_mut().reset((Instant::now() + Duration::from_millis(deadline - now)).into());
     }
 
     /// Bookkeeping after a write, flush or shutdown: completion resets the send deadline and wakes a response body
@@ -282,6 +294,8 @@ pub struct ConnCtx {
     pub timeouts: ListenerTimeouts,
     pub tls: bool,
     pub phase: Arc<ConnPhase>,
+    /// `peer` as an `X-Forwarded-For` entry (`proxy::forwarded_for`).
+    pub forwarded_for: hyper::header::HeaderValue,
 }
 
 /// What a listener hands each accepted connection.
@@ -357,7 +371,8 @@ pub async fn serve(
     let is_tls = matches!(stream, ClientStream::Tls(_));
     let io = TimedIo::new(stream, phase.clone(), timeouts);
     let shutdown = shared.shutdown.clone();
-    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, timeouts, tls: is_tls, phase });
+    let forwarded_for = crate::proxy::forwarded_for(peer.ip());
+    let cx = Arc::new(ConnCtx { shared, listener, listener_key, generation, peer, local, timeouts, tls: is_tls, phase, forwarded_for });
     let service = service_fn(move |req| {
         let cx = cx.clone();
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }
@@ -369,8 +384,12 @@ pub async fn serve(
         .header_read_timeout(timeouts.header_read + timeouts.keepalive_idle)
         .max_buf_size(MAX_HEAD)
         .max_header_size(MAX_HEAD)
-        .max_headers(MAX_HEADERS)
         .keep_alive(true);
+    // MAX_HEADERS is hyper's default limit, so it is left at the default rather than set:
+    // an explicit `max_headers` makes hyper build two 100-slot header arrays element by
+    // element for every request head (about 1,700 instructions a request), the default uses
+    // them uninitialised on the stack. The limit is the same (tests/http.rs checks 431).
+    const _: () = assert!(MAX_HEADERS == 100, "set http1::Builder::max_headers when MAX_HEADERS is not hyper's default");
     let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
     let mut conn = pin!(conn);
     // Shutdown, or a reload that removed this listener: finish the request in flight, then

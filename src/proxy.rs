@@ -184,7 +184,11 @@ fn classify_upgrade(req: &Parts) -> Result<Upgrade, ProxyError> {
     Ok(Upgrade::WebSocket { key })
 }
 
-/// Headers that belong to one hop and never travel on.
+/// Headers that belong to one hop and never travel on: the fixed list, `proxy-*`, and those
+/// the `Connection` header names.
+///
+/// One pass over the names finds them, and only names actually present are removed: most
+/// messages carry none, and every `HeaderMap::remove`, even of an absent name, hashes it.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
@@ -193,17 +197,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    let doomed: Vec<HeaderName> = h.keys().filter(|k| is_hop_by_hop(k) || named.contains(k)).cloned().collect();
+    for name in doomed {
         h.remove(name);
     }
-    for name in [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE] {
-        h.remove(name);
-    }
-    h.remove("keep-alive");
-    let proxy: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
-    for name in proxy {
-        h.remove(name);
-    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [header::CONNECTION, header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::UPGRADE].contains(name)
+        || name == "keep-alive"
+        || name.as_str().starts_with("proxy-")
 }
 
 fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
@@ -214,7 +217,7 @@ fn is_trusted(list: &[Cidr], ip: IpAddr) -> bool {
 /// not itself a trusted proxy.
 fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
     let mut last = None;
-    for v in h.get_all("x-forwarded-for").iter().rev() {
+    for v in h.get_all(&X_FORWARDED_FOR).iter().rev() {
         for part in v.to_str().ok()?.rsplit(',') {
             let ip: IpAddr = part.trim().parse().ok()?;
             let ip = ip.to_canonical();
@@ -227,33 +230,48 @@ fn client_behind_proxies(h: &HeaderMap, trusted: &[Cidr]) -> Option<IpAddr> {
     last
 }
 
-fn set_forwarded(h: &mut HeaderMap, peer: SocketAddr, trusted: bool, tls: bool, host: Option<HeaderValue>) {
-    let ip = peer.ip().to_canonical();
-    let mut xff = String::new();
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The client's address as an `X-Forwarded-For` entry; made once per connection (formatting
+/// an address and copying it into a header value costs more than the rest of the headers).
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_canonical().to_string()).expect("an IP address is a valid header value")
+}
+
+/// `client` is `forwarded_for(peer)`.
+fn set_forwarded(h: &mut HeaderMap, client: &HeaderValue, trusted: bool, tls: bool, host: Option<HeaderValue>) {
+    let mut xff = Some(client.clone());
     if trusted {
-        for prev in h.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
-            xff.push_str(prev);
-            xff.push_str(", ");
+        let mut chain = String::new();
+        for prev in h.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()) {
+            chain.push_str(prev);
+            chain.push_str(", ");
+        }
+        if !chain.is_empty() {
+            chain.push_str(client.to_str().unwrap_or_default());
+            xff = HeaderValue::from_str(&chain).ok();
         }
     }
-    xff.push_str(&ip.to_string());
-    h.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    match xff {
+        Some(v) => h.insert(X_FORWARDED_FOR.clone(), v),
+        None => h.remove(&X_FORWARDED_FOR),
+    };
+    if !(trusted && h.contains_key(&X_FORWARDED_PROTO)) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if tls { "https" } else { "http" }));
     }
-    if !(trusted && h.contains_key("x-forwarded-proto")) {
-        h.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
-    }
-    if !(trusted && h.contains_key("x-forwarded-host"))
+    if !(trusted && h.contains_key(&X_FORWARDED_HOST))
         && let Some(host) = host
     {
-        h.insert("x-forwarded-host", host);
+        h.insert(X_FORWARDED_HOST.clone(), host);
     }
 }
 
 /// What the `X-Forwarded-*` headers say about the client's hop.
 pub struct Forwarded {
-    pub peer: SocketAddr,
+    /// The client's own `X-Forwarded-For` entry ([`forwarded_for`]).
+    pub client: HeaderValue,
     /// The peer is a trusted proxy: its `X-Forwarded-*` headers are kept and appended to.
     pub trusted: bool,
     pub tls: bool,
@@ -285,7 +303,7 @@ pub fn rewrite_request_headers(
             }
         }
     }
-    set_forwarded(headers, fwd.peer, fwd.trusted, fwd.tls, Some(fwd.host));
+    set_forwarded(headers, &fwd.client, fwd.trusted, fwd.tls, Some(fwd.host));
     if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -325,7 +343,7 @@ async fn forward(
     *out.method_mut() = req.method.clone();
     *out.uri_mut() = req.uri.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     let mut headers = std::mem::take(&mut req.headers);
-    let forwarded = Forwarded { peer: cx.peer, trusted, tls: cx.tls, host: host_value };
+    let forwarded = Forwarded { client: cx.forwarded_for.clone(), trusted, tls: cx.tls, host: host_value };
     rewrite_request_headers(&mut headers, listener_cfg.header_underscores, forwarded, matches!(upgrade, Upgrade::WebSocket { .. }))?;
     *out.headers_mut() = headers;
 
@@ -336,10 +354,9 @@ async fn forward(
         }
         other => other?,
     };
-    // A server that answers before it has the whole body gets no more of it: it would read
-    // the rest as a next request. The upload is cut (closing that connection) once this
-    // exchange ends, whichever way.
-    bytes_in.hold();
+    // A server whose answer ends before it has the whole body gets no more of it: it would
+    // read the rest as a next request. The upload is cut (closing that connection) when the
+    // response ends, or this exchange fails.
     let upload = upstream::UploadEnd(bytes_in.clone());
     let bad_response = |reason| ProxyError::BadResponse { addr: backend_addr, reason };
     // Dropping the response and its connection here closes that connection.

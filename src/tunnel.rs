@@ -6,7 +6,7 @@
 //! followed (headers only) so a close frame tidegate writes lands on a frame boundary.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
@@ -259,7 +259,20 @@ fn poll_discard<R: AsyncRead + ?Sized>(cx: &mut Context<'_>, mut r: Pin<&mut R>,
 /// random delay within `shutdown_spread`, 1001), or when its backend drains (at
 /// `since + drain_timeout` plus a random share of `drain_spread`, with the drain's code).
 /// A drain that is called off before its time is forgotten.
-pub async fn close_signal(
+///
+/// The future comes boxed, on purpose: it holds three waits at once (cancellation, a timer,
+/// the drain watch), several hundred bytes, and an unboxed future passed down through
+/// `relay` is stored once per async layer it crosses (an async fn keeps its by-value
+/// arguments for its whole life), which made it the largest part of an idle tunnel.
+pub fn close_signal(
+    shutdown: CancellationToken,
+    drain: tokio::sync::watch::Receiver<Option<DrainPlan>>,
+    shutdown_spread: Duration,
+) -> Pin<Box<dyn Future<Output = CloseBy> + Send>> {
+    Box::pin(wait_for_close(shutdown, drain, shutdown_spread))
+}
+
+async fn wait_for_close(
     shutdown: CancellationToken,
     mut drain: tokio::sync::watch::Receiver<Option<DrainPlan>>,
     shutdown_spread: Duration,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -201,36 +201,24 @@ pub struct ReqProgress {
     pub too_slow: AtomicBool,
     /// The client's body was malformed or cut off (its fault: a 400, not a 502).
     pub client_error: AtomicBool,
-    /// `UPLOAD_*`: the server answered before the body was sent whole.
-    upload: AtomicU8,
-    /// The upload task, woken when `upload` changes.
+    /// The exchange ended before the body was sent whole: the upload fails.
+    cut: AtomicBool,
+    /// The upload, woken when it is cut.
     waker: AtomicWaker,
 }
-
-const UPLOAD_SENDING: u8 = 0;
-/// No more body bytes go to the server; the connection waits for the response to finish.
-const UPLOAD_HELD: u8 = 1;
-/// The upload fails, which closes the server connection.
-const UPLOAD_CUT: u8 = 2;
 
 impl ReqProgress {
     pub fn is_done(&self) -> bool {
         self.done.load(Ordering::Relaxed)
     }
 
-    /// The server answered before the whole body was sent: nothing more of it is sent (the
-    /// server would read it as a next request), while the response still streams.
-    pub fn hold(&self) {
-        if !self.is_done() {
-            let _ = self.upload.compare_exchange(UPLOAD_SENDING, UPLOAD_HELD, Ordering::AcqRel, Ordering::Relaxed);
-            self.waker.wake();
-        }
-    }
-
-    /// The exchange is over: an unfinished upload fails, closing the server connection.
+    /// The response is over (or abandoned) while the request body is not: nothing more of it
+    /// goes to the server, which would read it as a next request; the upload fails, which
+    /// closes that connection. While a response still streams, the upload goes on (a server
+    /// may stream both ways, an echo say).
     pub fn cut(&self) {
         if !self.is_done() {
-            self.upload.store(UPLOAD_CUT, Ordering::Release);
+            self.cut.store(true, Ordering::Release);
             self.waker.wake();
         }
     }
@@ -246,9 +234,9 @@ impl Drop for UploadEnd {
     }
 }
 
-/// The server answered before the request body was sent whole.
+/// The server's answer ended before the request body was sent whole.
 #[derive(Debug, thiserror::Error)]
-#[error("the server answered before the request body was sent whole; the rest is not sent")]
+#[error("the server's answer ended before the request body was sent whole; the rest is not sent")]
 pub struct AnsweredEarly;
 
 /// A request body too slow for `body_min_rate`.
@@ -313,10 +301,8 @@ impl Body for ReqBody {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         this.progress.waker.register(cx.waker());
-        match this.progress.upload.load(Ordering::Acquire) {
-            UPLOAD_SENDING => {}
-            UPLOAD_HELD => return Poll::Pending,
-            _ => return Poll::Ready(Some(Err(Box::new(AnsweredEarly)))),
+        if this.progress.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Some(Err(Box::new(AnsweredEarly))));
         }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
