@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use futures_util::task::AtomicWaker;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -49,6 +50,8 @@ pub struct ConnPhase {
     written: AtomicU64,
     /// A response body waits for earlier bytes to reach the socket (see [`Self::written_up_to`]).
     write_waiter: AtomicBool,
+    /// The connection's task, while its read waits with no deadline (a request is served).
+    read_waker: AtomicWaker,
 }
 
 impl ConnPhase {
@@ -61,6 +64,7 @@ impl ConnPhase {
             first_ambiguous: AtomicU64::new(u64::MAX),
             written: AtomicU64::new(0),
             write_waiter: AtomicBool::new(false),
+            read_waker: AtomicWaker::new(),
         }
     }
     /// Bytes written to the client so far.
@@ -93,7 +97,8 @@ impl ConnPhase {
     }
     pub fn set_idle(&self) {
         self.since_ms.store(now_ms(), Ordering::Relaxed);
-        self.phase.store(IDLE, Ordering::Relaxed);
+        self.phase.store(IDLE, Ordering::Release);
+        self.read_waker.wake();
     }
     fn set_head(&self) {
         self.since_ms.store(now_ms(), Ordering::Relaxed);
@@ -242,6 +247,11 @@ impl AsyncRead for TimedIo {
             }
             Poll::Pending => {
                 this.read_waiting = true;
+                if this.phase.phase.load(Ordering::Relaxed) == BUSY {
+                    // No read deadline while a request is served; `set_idle` wakes us to arm
+                    // the keep-alive one (hyper does not read again by itself).
+                    this.phase.read_waker.register(cx.waker());
+                }
                 match this.poll_deadline(cx) {
                     Poll::Ready(e) => Poll::Ready(Err(e)),
                     Poll::Pending => Poll::Pending,
@@ -378,10 +388,11 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(crate::proxy::handle(req, cx).await) }
     });
     let mut builder = http1::Builder::new();
+    // No hyper timer: TimedIo enforces the head, keep-alive and send deadlines with one timer
+    // per connection; hyper's header_read_timeout would add a boxed timer and a timer-wheel
+    // insert and removal per request.
     builder
-        .timer(TokioTimer::new())
-        // Backstop only: TimedIo enforces the real head and idle deadlines.
-        .header_read_timeout(timeouts.header_read + timeouts.keepalive_idle)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEAD)
         .max_header_size(MAX_HEAD)
         .keep_alive(true);

@@ -482,7 +482,8 @@ async fn dispatch(
     client: IpAddr,
 ) -> Result<(Response<Incoming>, ConnGuard, Sender, SocketAddr, Option<HeaderValue>), ProxyError> {
     let tries = if upstream.cfg.tries == 0 { upstream.backends.len() } else { upstream.cfg.tries };
-    let mut tried: Vec<usize> = Vec::new();
+    // Inline for the usual one or few tries: no allocation per request.
+    let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
     let mut last_err: Option<ProxyError> = None;
     let timeouts = upstream.cfg.timeouts;
     let fail_on = &upstream.cfg.fail_on;

@@ -177,17 +177,22 @@ pub async fn send(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<Response<Incoming>, Result<Request<ReqBody>, ProxyError>> {
-    let deadline = Instant::now() + timeout;
-    match tokio::time::timeout_at(deadline.into(), sender.inner.ready()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(_)) | Err(_) => return Err(Ok(req)),
-    }
-    match tokio::time::timeout_at(deadline.into(), sender.inner.try_send_request(req)).await {
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(mut e)) => match e.take_message() {
-            Some(req) => Err(Ok(req)),
-            None => Err(Err(ProxyError::Upstream { addr, source: e.into_error() })),
-        },
+    // One timer for the whole exchange (it is registered only if the response head is not
+    // there at the first poll).
+    let exchange = async {
+        if sender.inner.ready().await.is_err() {
+            return Err(Ok(req));
+        }
+        match sender.inner.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => Err(Ok(req)),
+                None => Err(Err(ProxyError::Upstream { addr, source: e.into_error() })),
+            },
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
         Err(_) => Err(Err(ProxyError::ResponseTimeout { addr })),
     }
 }
