@@ -9,8 +9,12 @@ use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
@@ -309,11 +313,31 @@ fn jitter(spread: Duration) -> Duration {
     spread.mul_f64(r)
 }
 
+/// 64 unpredictable bits (not for cryptographic keys): std's RandomState is keyed randomly
+/// per thread and differently on every call.
 fn rand_mask_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish()
+}
+
+/// The waker the close signal is polled with: it records that the signal woke the tunnel, so
+/// the signal (a select over a cancellation token, a timer and a watch, each taking a lock
+/// when polled) is polled only when it has something to say, not on every message relayed.
+struct CloseWaker {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for CloseWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// Relays until both sides close, an error, `idle` with no byte, or until `close` resolves.
@@ -349,11 +373,18 @@ where
     let mut client_closes = 0;
     let mut idle_timer = pin!(tokio::time::sleep(idle));
     let mut close = pin!(close);
+    // Polled once at the start (fired), then only when its own waker fired.
+    let close_wake = Arc::new(CloseWaker { fired: AtomicBool::new(true), task: AtomicWaker::new() });
+    let close_waker = Waker::from(close_wake.clone());
 
     let end = poll_fn(|cx| {
         loop {
+            if closing.is_none() {
+                close_wake.task.register(cx.waker());
+            }
             if closing.is_none()
-                && let Poll::Ready(by) = close.as_mut().poll(cx)
+                && close_wake.fired.swap(false, Ordering::AcqRel)
+                && let Poll::Ready(by) = close.as_mut().poll(&mut Context::from_waker(&close_waker))
             {
                 closing = Some(by.code);
                 closed_for_drain = by.drain;
@@ -405,11 +436,12 @@ where
     TunnelStats { client_to_server: c2s.bytes, server_to_client: s2c.bytes, end }
 }
 
-/// A masking key for frames tidegate writes toward a server; it need not be unpredictable
-/// (the server is not an attacker's browser), only present.
+/// A masking key for the close frames tidegate writes toward a server. RFC 6455 §5.3 wants
+/// masking keys unpredictable (they protect intermediaries on the server side from crafted
+/// bytes): each comes from a freshly keyed SipHash (std's RandomState: random keys per
+/// thread, a new key per call).
 fn rand_mask() -> [u8; 4] {
-    let t = Instant::now().elapsed().subsec_nanos() ^ 0x5a5a_a5a5;
-    t.to_le_bytes()
+    (rand_mask_u64() as u32).to_le_bytes()
 }
 
 #[cfg(test)]
