@@ -587,6 +587,9 @@ fn start_tunnel(
     let close = crate::tunnel::close_signal(cx.shared.shutdown.clone(), guard.backend().drain_watch(), shutdown_spread);
     let um = upstream.metrics.clone();
     let peer = cx.peer;
+    // Boxed: the log line is ~170 bytes that every idle tunnel would otherwise carry inline,
+    // access log on or off.
+    let log = log.map(Box::new);
     cx.shared.tasks.spawn(async move {
         let (client, server) = match tokio::try_join!(client_upgrade, server_upgrade) {
             Ok(pair) => pair,
