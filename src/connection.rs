@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use futures_util::task::AtomicWaker;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -391,11 +391,7 @@ pub async fn serve(
     // No hyper timer: TimedIo enforces the head, keep-alive and send deadlines with one timer
     // per connection; hyper's header_read_timeout would add a boxed timer and a timer-wheel
     // insert and removal per request.
-    builder
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD)
-        .max_header_size(MAX_HEAD)
-        .keep_alive(true);
+    builder.header_read_timeout(None).max_buf_size(MAX_HEAD).max_header_size(MAX_HEAD).keep_alive(true);
     // MAX_HEADERS is hyper's default limit, so it is left at the default rather than set:
     // an explicit `max_headers` makes hyper build two 100-slot header arrays element by
     // element for every request head (about 1,700 instructions a request), the default uses
