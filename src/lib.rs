@@ -14,6 +14,7 @@ pub mod connection;
 pub mod demo;
 pub mod error;
 pub mod framing;
+pub mod fuzz_logic;
 pub mod health;
 pub mod listener;
 pub mod proxy;

@@ -1,18 +1,6 @@
-//! Feeds arbitrary UTF-8 to the config loader: it must never panic, and every
-//! error must render to a non-empty message. Run with `cargo +nightly fuzz run config`.
+//! Arbitrary UTF-8 through the config loader.
+//! The properties live in `tidegate::fuzz_logic::config`, which `tests/fuzz_replay.rs` also runs
+//! on stable. Run: `cargo +nightly fuzz run config` (or `fuzz/ci.sh` for every target).
 #![no_main]
 
-use std::path::Path;
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|text: &str| {
-    if let Err(errors) = tidegate::config::load_str(text, Path::new("fuzz.toml")) {
-        assert!(!errors.0.is_empty());
-        for e in &errors.0 {
-            assert!(!e.to_string().is_empty());
-            assert!(!e.message.is_empty());
-        }
-        assert!(!errors.to_string().is_empty());
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidegate::fuzz_logic::config(data));

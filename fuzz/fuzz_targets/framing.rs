@@ -1,16 +1,6 @@
-//! The raw request-framing scanner accepts any byte stream, in any chunking, and reaches the
-//! same verdict whether fed at once or byte by byte.
+//! Arbitrary bytes as a client's raw request stream, for the framing scanner.
+//! The properties live in `tidegate::fuzz_logic::framing`, which `tests/fuzz_replay.rs` also runs
+//! on stable. Run: `cargo +nightly fuzz run framing` (or `fuzz/ci.sh` for every target).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use tidegate::framing::FramingScanner;
-
-fuzz_target!(|data: &[u8]| {
-    let mut whole = FramingScanner::default();
-    whole.feed(data);
-    let mut bytes = FramingScanner::default();
-    for b in data {
-        bytes.feed(std::slice::from_ref(b));
-    }
-    assert_eq!(whole.first_ambiguous, bytes.first_ambiguous);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidegate::fuzz_logic::framing(data));

@@ -1,25 +1,6 @@
-//! Feeds arbitrary UTF-8 to the nginx config parser and to `import-nginx`'s converter (the
-//! text also stands as an include file): neither may panic, and every error and report must
-//! render. Run with `cargo +nightly fuzz run nginx`.
+//! Arbitrary UTF-8 through the nginx config parser and import-nginx's converter.
+//! The properties live in `tidegate::fuzz_logic::nginx`, which `tests/fuzz_replay.rs` also runs
+//! on stable. Run: `cargo +nightly fuzz run nginx` (or `fuzz/ci.sh` for every target).
 #![no_main]
 
-use std::path::Path;
-
-use libfuzzer_sys::fuzz_target;
-use tidegate::config::nginx;
-
-fuzz_target!(|text: &str| {
-    if let Err(e) = nginx::parse(text, Path::new("fuzz.conf")) {
-        assert!(!e.message.is_empty());
-        assert!(!e.to_string().is_empty());
-    }
-    let fs = nginx::MemFs::new().with("/fuzz/inc.conf", text).with("/fuzz/conf.d/a.conf", text);
-    match nginx::import_str(text, Path::new("/fuzz/nginx.conf"), &fs) {
-        Ok(import) => {
-            let _ = import.report();
-            let _ = import.complete();
-            assert!(import.toml.starts_with('#'));
-        }
-        Err(e) => assert!(!e.message.is_empty()),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidegate::fuzz_logic::nginx(data));

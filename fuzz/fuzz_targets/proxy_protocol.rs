@@ -1,16 +1,6 @@
-//! The PROXY protocol parser never panics, never claims more bytes than it was given, and
-//! agrees with itself on every prefix.
+//! Arbitrary bytes as a PROXY protocol v1/v2 header.
+//! The properties live in `tidegate::fuzz_logic::proxy_protocol`, which `tests/fuzz_replay.rs` also runs
+//! on stable. Run: `cargo +nightly fuzz run proxy_protocol` (or `fuzz/ci.sh` for every target).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use tidegate::proxy_protocol::{Parsed, parse};
-
-fuzz_target!(|data: &[u8]| {
-    match parse(data) {
-        Parsed::Done(_, len) => {
-            assert!(len <= data.len());
-            assert!(matches!(parse(&data[..len]), Parsed::Done(_, l) if l == len));
-        }
-        Parsed::Incomplete | Parsed::Invalid(_) => {}
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tidegate::fuzz_logic::proxy_protocol(data));
