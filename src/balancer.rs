@@ -583,14 +583,26 @@ fn request_key_hash(key: &HashKey, cx: &PickCtx<'_>) -> Option<u32> {
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 pub fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
+    // Byte-wise: one cookie with non-ASCII bytes (a UTF-8 value set by a script, say) must not
+    // hide the others in the same header.
+    let value = headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .filter_map(|pair| {
+            // `name=value` with no space around `=` (RFC 6265), spaces around the pair.
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            Some((&pair[..eq], &pair[eq + 1..]))
+        })
+        .find(|(k, _)| *k == name.as_bytes())?
+        .1;
+    // RFC 6265: a value may be wrapped in one pair of double quotes.
+    let value = match value {
+        [b'"', inner @ .., b'"'] => inner,
+        v => v,
+    };
+    std::str::from_utf8(value).ok()
 }
 
 fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {

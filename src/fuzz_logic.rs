@@ -285,14 +285,12 @@ fn check_sticky(fx: &StickyFixture, headers: &HeaderMap) {
     }
 }
 
-fn trim_quotes(mut v: &[u8]) -> &[u8] {
-    while let [b'"', rest @ ..] = v {
-        v = rest;
+/// One pair of surrounding double quotes goes (RFC 6265 cookie-value).
+fn trim_quotes(v: &[u8]) -> &[u8] {
+    match v {
+        [b'"', inner @ .., b'"'] => inner,
+        v => v,
     }
-    while let [rest @ .., b'"'] = v {
-        v = rest;
-    }
-    v
 }
 
 // ---------------------------------------------------------------------------------------

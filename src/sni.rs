@@ -107,11 +107,12 @@ fn server_name(body: &[u8]) -> Result<Option<String>, &'static str> {
             let name_len = list.u16()?;
             let name = list.take(name_len)?;
             if name_type == 0 {
-                let name = std::str::from_utf8(name).map_err(|_| "server name is not ASCII")?;
+                let name = std::str::from_utf8(name).map_err(|_| "server name is not ASCII")?.trim_end_matches('.');
+                // Checked after the trailing dots go: "." alone is no name.
                 if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_') {
                     return Err("server name has invalid characters");
                 }
-                return Ok(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+                return Ok(Some(name.to_ascii_lowercase()));
             }
         }
     }

@@ -276,3 +276,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cookie_value_is_found_next_to_non_ascii_cookies_and_unquoted_once() {
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_bytes("pref=café; tg_srv=abc123".as_bytes()).unwrap());
+    assert_eq!(cookie_value(&h, "tg_srv"), Some("abc123"), "a UTF-8 cookie elsewhere in the header");
+    assert_eq!(cookie_value(&h, "pref"), Some("café"));
+    assert_eq!(cookie_value(&h, "other"), None);
+
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_static("a=1"));
+    h.append(COOKIE, HeaderValue::from_static("  tg_srv=\"abc\" ; b=2"));
+    assert_eq!(cookie_value(&h, "tg_srv"), Some("abc"), "second header, spaces, one pair of quotes");
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_static("tg_srv =abc"));
+    assert_eq!(cookie_value(&h, "tg_srv"), None, "no space before `=`");
+
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_static("tg_srv=\"\"\"abc"));
+    assert_eq!(cookie_value(&h, "tg_srv"), Some("\"\"\"abc"), "only a matching pair of quotes is removed");
+    let mut h = HeaderMap::new();
+    h.append(COOKIE, HeaderValue::from_bytes(b"tg_srv=\xff\xfe").unwrap());
+    assert_eq!(cookie_value(&h, "tg_srv"), None, "a value that is not UTF-8 is no value");
+}
