@@ -54,9 +54,9 @@ struct UpstreamBody {
 impl UpstreamBody {
     fn finish(&mut self) {
         self.complete = true;
+        // The response is over: an upload still unfinished stops here, and that connection is
+        // not reused (the server would read the rest of the body as a next request).
         self.received.0.cut();
-        // A connection whose request body was not sent whole (the server answered early) is
-        // not reused: the rest of that body would be read as the next request.
         if let Some((sender, max_idle)) = self.conn.take()
             && !self.guard.backend().is_draining()
             && self.received.0.is_done()
