@@ -6,7 +6,8 @@
 #
 # Environment:
 #   FUZZ_SECONDS      seconds per target (default 15)
-#   FUZZ_TOOLCHAIN    nightly | stable (default: nightly when rustup has it, else stable)
+#   FUZZ_TOOLCHAIN    nightly | stable (default: nightly when rustup has it, else stable,
+#                     meaning the default toolchain)
 #   FUZZ_SANITIZER    address | none (default: address on nightly; stable can only do none)
 #   FUZZ_TARGET_DIR   cargo target directory for the fuzz build (default fuzz/target)
 #   FUZZ_TARGETS      space-separated subset of targets (default: all of `cargo fuzz list`)
@@ -49,9 +50,11 @@ if [[ $toolchain == stable && $sanitizer != none ]]; then
     exit 2
 fi
 flags=(-s "$sanitizer")
+# Stable is the default toolchain, whatever rustup calls it on this machine ("stable",
+# "1.95.0"): plain `cargo`, never `+stable`, which would try to download one.
 cargo_tc=(cargo)
-if command -v rustup >/dev/null 2>&1; then
-    cargo_tc=(cargo "+$toolchain")
+if [[ $toolchain == nightly ]]; then
+    cargo_tc=(cargo +nightly)
 fi
 # Debug assertions on: overflow checks and debug_assert! are properties too.
 flags+=(-a --target-dir "$target_dir")
