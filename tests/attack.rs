@@ -10,6 +10,7 @@
 //! open, and that a fresh connection still gets a `200` afterwards.
 
 mod support;
+use support::{RawResponse as Resp, find, parse_response};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,10 +40,6 @@ const BIG: u64 = 64 * 1024 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------------
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
 
 /// Bytes for an error message: escaped, and cut to a readable length.
 fn show(b: &[u8]) -> String {
@@ -516,82 +513,12 @@ impl Backend {
 // The raw client
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    head: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
     fn closes(&self) -> bool {
         self.header("connection").is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
     }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
     fn describe(&self) -> String {
         format!("{} {}", show(self.head.as_bytes()), show(&self.body))
-    }
-}
-
-/// One complete response from the front of `buf`: (response, bytes used). `head_req`: the
-/// request was HEAD, so there is no body whatever the headers say.
-fn parse_response(buf: &[u8], eof: bool, head_req: bool) -> Option<(Resp, usize)> {
-    let end = find(buf, b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut status_line = lines.next()?.splitn(3, ' ');
-    if !status_line.next()?.starts_with("HTTP/1.") {
-        return None;
-    }
-    let status: u16 = status_line.next()?.parse().ok()?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    let mut resp = Resp { status, head: head.clone(), headers, body: Vec::new() };
-    let rest = &buf[end + 4..];
-    if head_req || status < 200 || status == 204 || status == 304 {
-        return Some((resp, end + 4));
-    }
-    if resp.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut pos = 0;
-        loop {
-            let line_end = pos + find(&rest[pos..], b"\r\n")?;
-            let size_text = String::from_utf8_lossy(&rest[pos..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-            pos = line_end + 2;
-            if size == 0 {
-                loop {
-                    let l = pos + find(&rest[pos..], b"\r\n")?;
-                    let empty = l == pos;
-                    pos = l + 2;
-                    if empty {
-                        return Some((resp, end + 4 + pos));
-                    }
-                }
-            }
-            if rest.len() < pos + size + 2 {
-                return None;
-            }
-            resp.body.extend_from_slice(&rest[pos..pos + size]);
-            pos += size + 2;
-        }
-    } else if let Some(cl) = resp.header("content-length") {
-        let cl: usize = cl.parse().ok()?;
-        if rest.len() < cl {
-            return None;
-        }
-        resp.body = rest[..cl].to_vec();
-        Some((resp, end + 4 + cl))
-    } else if eof {
-        resp.body = rest.to_vec();
-        Some((resp, buf.len()))
-    } else {
-        None
     }
 }
 

@@ -3,6 +3,7 @@
 //! backups, max_conns, live counts and h2c upgrade refusal.
 
 mod support;
+use support::{RawResponse as Resp, find, parse_response};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -323,80 +324,6 @@ async fn get_host(addr: SocketAddr, path: &str, host: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-#[derive(Debug)]
-struct Resp {
-    version: String,
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Parses one complete response from the front of `buf`: (response, bytes consumed).
-fn parse_response(buf: &[u8], eof: bool) -> Option<(Resp, usize)> {
-    let end = find(buf, b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut status_line = lines.next()?.splitn(3, ' ');
-    let version = status_line.next()?.to_string();
-    let status: u16 = status_line.next()?.parse().ok()?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    let mut resp = Resp { version, status, headers, body: Vec::new() };
-    let rest = &buf[end + 4..];
-    if resp.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        let mut pos = 0;
-        loop {
-            let line_end = pos + find(&rest[pos..], b"\r\n")?;
-            let size_text = String::from_utf8_lossy(&rest[pos..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-            pos = line_end + 2;
-            if size == 0 {
-                // Trailers (none expected), then the empty line.
-                loop {
-                    let l = pos + find(&rest[pos..], b"\r\n")?;
-                    let empty = l == pos;
-                    pos = l + 2;
-                    if empty {
-                        return Some((resp, end + 4 + pos));
-                    }
-                }
-            }
-            if rest.len() < pos + size + 2 {
-                return None;
-            }
-            resp.body.extend_from_slice(&rest[pos..pos + size]);
-            pos += size + 2;
-        }
-    } else if let Some(cl) = resp.header("content-length") {
-        let cl: usize = cl.parse().ok()?;
-        if rest.len() < cl {
-            return None;
-        }
-        resp.body = rest[..cl].to_vec();
-        Some((resp, end + 4 + cl))
-    } else if resp.status < 200 || resp.status == 204 || resp.status == 304 {
-        Some((resp, end + 4))
-    } else if eof {
-        resp.body = rest.to_vec();
-        Some((resp, buf.len()))
-    } else {
-        None
-    }
-}
-
 /// A raw client connection with a read buffer, for exact bytes on the wire.
 struct Raw {
     s: TcpStream,
@@ -426,7 +353,7 @@ impl Raw {
     async fn next_response(&mut self, wait: Duration) -> Option<Resp> {
         tokio::time::timeout(wait, async {
             loop {
-                if let Some((r, n)) = parse_response(&self.buf, self.eof) {
+                if let Some((r, n)) = parse_response(&self.buf, self.eof, false) {
                     self.buf.drain(..n);
                     return Some(r);
                 }

@@ -127,3 +127,87 @@ pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = request(addr, req).await;
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// A response read off a raw socket (tests that must see the exact bytes use no client library).
+#[derive(Debug)]
+pub struct RawResponse {
+    pub version: String,
+    pub status: u16,
+    /// The head as text, without the blank line.
+    pub head: String,
+    /// Lower-cased names, trimmed values, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One complete response from the front of `buf`: (response, bytes used); `None` until it is
+/// all there. `eof`: the peer closed (a body without length ends there). `head_req`: the
+/// request was HEAD, so there is no body whatever the headers say (nor on 1xx, 204, 304).
+pub fn parse_response(buf: &[u8], eof: bool, head_req: bool) -> Option<(RawResponse, usize)> {
+    let end = find(buf, b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut status_line = lines.next()?.splitn(3, ' ');
+    let version = status_line.next()?.to_string();
+    if !version.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status: u16 = status_line.next()?.parse().ok()?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let mut resp = RawResponse { version, status, head: head.clone(), headers, body: Vec::new() };
+    let rest = &buf[end + 4..];
+    if head_req || status < 200 || status == 204 || status == 304 {
+        return Some((resp, end + 4));
+    }
+    if resp.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        let mut pos = 0;
+        loop {
+            let line_end = pos + find(&rest[pos..], b"\r\n")?;
+            let size_text = String::from_utf8_lossy(&rest[pos..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            pos = line_end + 2;
+            if size == 0 {
+                // Trailers, then the empty line.
+                loop {
+                    let l = pos + find(&rest[pos..], b"\r\n")?;
+                    let empty = l == pos;
+                    pos = l + 2;
+                    if empty {
+                        return Some((resp, end + 4 + pos));
+                    }
+                }
+            }
+            if rest.len() < pos + size + 2 {
+                return None;
+            }
+            resp.body.extend_from_slice(&rest[pos..pos + size]);
+            pos += size + 2;
+        }
+    } else if let Some(cl) = resp.header("content-length") {
+        let cl: usize = cl.parse().ok()?;
+        if rest.len() < cl {
+            return None;
+        }
+        resp.body = rest[..cl].to_vec();
+        Some((resp, end + 4 + cl))
+    } else if eof {
+        resp.body = rest.to_vec();
+        Some((resp, buf.len()))
+    } else {
+        None
+    }
+}
